@@ -1,0 +1,58 @@
+"""Python side of the Hydra configuration: turning config groups into objects, and checking them.
+
+Every config group option (``configs/<group>/<option>.yaml``) has a ``name`` (and, for models, an ``arch``); the code
+picks the implementation from a small registry keyed by that name, and passes the remaining keys as keyword arguments.
+``build_from_registry`` does this once for all groups, so that an unknown option or an unknown / missing parameter
+fails with a message that names the group, the bad key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def to_plain_dict(cfg: Any) -> dict[str, Any]:
+    """A resolved, plain-``dict`` copy of a DictConfig (or mapping)."""
+    if isinstance(cfg, DictConfig):
+        return dict(OmegaConf.to_container(cfg, resolve=True))
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"expected a config mapping, got {type(cfg).__name__}")
+
+
+def check_kwargs(group: str, option: str, factory: Any, kwargs: Mapping[str, Any]) -> None:
+    """Raise a clear error if ``kwargs`` has keys ``factory`` does not accept, or lacks required ones."""
+    sig = inspect.signature(factory)
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"{group}={option}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {', '.join(accepted)}"
+        )
+    missing = [
+        n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs
+    ]
+    if missing:
+        raise ValueError(f"{group}={option}: missing required parameter(s) {', '.join(missing)}")
+
+
+def build_from_registry(group: str, registry: Mapping[str, Any], cfg: Any, key: str = "name",
+                        drop: tuple[str, ...] = ("name",), **extra: Any) -> Any:
+    """Instantiate ``registry[cfg[key]]`` with the config's other keys (minus ``drop``) plus ``extra``."""
+    kwargs = to_plain_dict(cfg)
+    choice = kwargs.get(key)
+    if choice not in registry:
+        raise ValueError(f"unknown {group} {key} '{choice}'; valid choices: {', '.join(sorted(registry))}")
+    for k in drop:
+        kwargs.pop(k, None)
+    kwargs.update(extra)
+    factory = registry[choice]
+    check_kwargs(group, str(choice), factory, kwargs)
+    return factory(**kwargs)

@@ -1,0 +1,111 @@
+"""Start-up checks of a training config: every bad value fails here, with one line naming the field and what is
+valid, before any data is read or any model is built.
+
+The group options themselves (unknown schedule / model / sampler names, unknown parameters) are checked by the
+registries when they are built (``configs.build_from_registry``); this module checks the values of ``train.*`` and the
+relations between groups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Fields that define what is being trained. Resuming a checkpoint whose values differ in any of these would silently
+# continue a different experiment, so ``config_differences`` reports them.
+RESUME_MUST_MATCH = ("model", "data", "precond", "schedule", "weighting", "seed", "train.batch", "train.lr",
+                     "train.betas", "train.eps", "train.weight_decay", "train.label_dropout", "train.ema_halflife_kimg",
+                     "train.ema_rampup_ratio", "train.lr_rampup_kimg", "train.grad_clip")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _positive_number(cfg: Any, field: str, allow_zero: bool = False, allow_null: bool = False) -> None:
+    value = _get(cfg, field)
+    if value is None and allow_null:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    bound = ">= 0" if allow_zero else "> 0"
+    _require(ok, field, f"must be a finite number {bound}{' or null' if allow_null else ''}, got {value!r}")
+
+
+def validate_train_config(cfg: Any, world_size: int = 1) -> None:
+    """Raise ``ConfigError`` on the first value that cannot work."""
+    t = cfg.train
+    _positive_number(cfg, "train.total_kimg")
+    batch = t.batch
+    _require(isinstance(batch, int) and batch > 0, "train.batch", f"must be a positive integer, got {batch!r}")
+    _require(batch % world_size == 0, "train.batch",
+             f"{batch} is not divisible by the number of processes ({world_size})")
+    per_rank = batch // world_size
+    if t.batch_gpu is not None:
+        bg = t.batch_gpu
+        _require(isinstance(bg, int) and bg > 0, "train.batch_gpu", f"must be a positive integer or null, got {bg!r}")
+        _require(per_rank % bg == 0, "train.batch_gpu",
+                 f"{bg} must divide the per-process batch {per_rank} (train.batch={batch} over {world_size} "
+                 "process(es)) so that gradient accumulation covers it exactly")
+    _positive_number(cfg, "train.lr")
+    _positive_number(cfg, "train.lr_rampup_kimg", allow_zero=True)
+    betas = list(t.betas)
+    _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "train.betas",
+             f"must be two numbers in [0, 1), got {betas}")
+    _positive_number(cfg, "train.eps")
+    _positive_number(cfg, "train.weight_decay", allow_zero=True)
+    _positive_number(cfg, "train.grad_clip", allow_null=True)
+    _positive_number(cfg, "train.ema_halflife_kimg", allow_zero=True)
+    _positive_number(cfg, "train.ema_rampup_ratio", allow_null=True)
+    p = t.label_dropout
+    _require(isinstance(p, (int, float)) and 0 <= p < 1, "train.label_dropout", f"must be in [0, 1), got {p!r}")
+    _require(p == 0 or bool(cfg.data.get("cond", False)), "train.label_dropout",
+             "label dropout needs a class-conditional model: set data.cond=true (or train.label_dropout=0)")
+    nw = t.num_workers
+    _require(isinstance(nw, int) and nw >= 0, "train.num_workers", f"must be an integer >= 0, got {nw!r}")
+    for field in ("train.tick_kimg",):
+        _positive_number(cfg, field)
+    for field in ("train.snapshot_kimg", "train.checkpoint_kimg"):
+        _positive_number(cfg, field, allow_zero=True)
+    k = t.keep_checkpoints
+    _require(isinstance(k, int) and k >= 0, "train.keep_checkpoints", f"must be an integer >= 0, got {k!r}")
+    g = t.grid_seeds
+    _require(isinstance(g, int) and g >= 0, "train.grid_seeds", f"must be an integer >= 0, got {g!r}")
+    resume = cfg.resume
+    _require(resume is None or isinstance(resume, str), "resume",
+             f"must be null, 'auto' or a path to a checkpoint / run directory, got {resume!r}")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def config_differences(saved: dict, current: dict, fields: tuple[str, ...] = RESUME_MUST_MATCH,
+                       ignore: tuple[str, ...] = ("data.path",)) -> list[str]:
+    """Human-readable 'field: saved -> current' lines for the ``fields`` (and their sub-keys) that differ."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(flat_saved) | set(flat_current)):
+        if not any(key == f or key.startswith(f + ".") for f in fields) or key in ignore:
+            continue
+        a, b = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
+        if a != b:
+            diffs.append(f"{key}: {a!r} (checkpoint) != {b!r} (now)")
+    return diffs

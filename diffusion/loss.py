@@ -1,0 +1,48 @@
+"""The denoising training loss, with the noise level drawn from a schedule and weighted by a loss weighting.
+
+For a batch of clean data y (model space) the loss is, per sample i,
+
+    σ_i ~ p(σ)            (the schedule)
+    x_i = y_i + σ_i·n_i,   n_i ~ N(0, I)
+    loss_i = w(σ_i)·‖D(x_i; σ_i) − y_i‖²      (summed over pixels, as EDM's training loop reduces it)
+
+Next to the weighted loss it returns the per-sample *unweighted* error mse_i = ‖D(x_i; σ_i) − y_i‖², computed from D
+and y directly (never by dividing the weighted loss by w, which is ill-conditioned at small σ): an adaptive schedule
+(InfoNoise) estimates the MMSE profile from it, with no extra forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.schedules import NoiseSchedule
+from diffusion.weighting import LossWeighting
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor   # [B] weighted loss per sample, summed over dimensions (carries the graph)
+    mse: Tensor    # [B] unweighted ‖D − y‖² per sample, summed over dimensions (detached)
+    sigma: Tensor  # [B] the noise levels drawn
+
+
+class DenoisingLoss:
+    """E_σ[w(σ)·‖D(y + σn; σ) − y‖²] with σ ~ schedule."""
+
+    def __init__(self, schedule: NoiseSchedule, weighting: LossWeighting):
+        self.schedule = schedule
+        self.weighting = weighting
+
+    def __call__(self, denoiser: nn.Module, images: Tensor, class_labels: Tensor | None = None,
+                 augment_labels: Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
+        batch = images.shape[0]
+        sigma = self.schedule.sample(batch, device=images.device, generator=generator)
+        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+        noisy = images + noise * sigma.reshape(-1, 1, 1, 1)
+        denoised = denoiser(noisy, sigma, class_labels=class_labels, augment_labels=augment_labels)
+        sq_err = (denoised - images).square().flatten(1).sum(dim=1)
+        weight = self.weighting(sigma)
+        return LossOutput(loss=weight * sq_err, mse=sq_err.detach(), sigma=sigma)

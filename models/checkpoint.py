@@ -1,0 +1,143 @@
+"""The sigmalab checkpoint: one file holding everything a run needs to continue exactly, written atomically.
+
+Layout (a plain dict of tensors, numbers, strings, lists and dicts — loadable with ``torch.load(weights_only=True)``,
+so opening a checkpoint never runs code):
+
+    format: "sigmalab-checkpoint", version: 1
+    config:   the run's resolved config (plain dict)
+    geometry: {img_resolution, img_channels, label_dim, augment_dim} — what the network was built for
+    progress: {cur_nimg, step}
+    net, ema, optimizer, schedule: state dicts (schedule holds an adaptive schedule's state, e.g. InfoNoise's)
+    rng: {torch: CPU generator state, cuda: [per-device states]}
+
+Files are named ``checkpoint-<images seen, 10 digits>.pt`` inside ``<run_dir>/checkpoints/``. ``save_checkpoint``
+writes to a temporary file in the same directory, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs
+the directory, so a crash or a full disk mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "sigmalab-checkpoint"
+VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME_RE = re.compile(r"^checkpoint-(\d{10})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable sigmalab checkpoint."""
+
+
+def checkpoint_name(cur_nimg: int) -> str:
+    return f"checkpoint-{int(cur_nimg):010d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of a run directory, oldest first (by images seen)."""
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoints in run directory {path} (expected {path / CHECKPOINT_DIR}/"
+                                    "checkpoint-*.pt)")
+        return latest
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` (tagged with the format and version) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (or the newest one of a run directory) without executing any code."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read"
+        raise CheckpointError(f"{path} is not a readable sigmalab checkpoint: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a sigmalab checkpoint (missing format tag '{FORMAT}')")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {state.get('version')}; this sigmalab reads "
+                              f"version {VERSION}")
+    return state
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything); returns the deleted paths."""
+    if keep <= 0:
+        return []
+    ckpts = list_checkpoints(run_dir)
+    doomed = ckpts[:-keep]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"):
+    """Rebuild the denoiser of a checkpoint (EMA weights by default); returns ``(denoiser, config)``."""
+    from omegaconf import OmegaConf
+
+    from diffusion.preconditioning import build_denoiser
+
+    state = load_checkpoint(path)
+    cfg = OmegaConf.create(state["config"])
+    geometry = state["geometry"]
+    denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
+                              label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
+    denoiser.load_state_dict(state["ema" if ema else "net"])
+    return denoiser.eval().requires_grad_(False).to(device), cfg
