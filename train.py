@@ -174,8 +174,9 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     denoiser = build_denoiser(cfg, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
                               label_dim=label_dim).to(device)
-    schedule = build_schedule(cfg.schedule).to(device)
     weighting = build_weighting(cfg.weighting)
+    schedule = build_schedule(cfg.schedule, weighting=weighting, img_resolution=dataset.resolution,
+                              sigma_data=cfg.precond.sigma_data).to(device)
     loss_fn = DenoisingLoss(schedule, weighting)
 
     if cfg.dry_run:

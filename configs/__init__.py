@@ -26,8 +26,7 @@ def to_plain_dict(cfg: Any) -> dict[str, Any]:
 
 def check_kwargs(group: str, option: str, factory: Any, kwargs: Mapping[str, Any]) -> None:
     """Raise a clear error if ``kwargs`` has keys ``factory`` does not accept, or lacks required ones."""
-    sig = inspect.signature(factory)
-    params = sig.parameters
+    params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
@@ -43,9 +42,21 @@ def check_kwargs(group: str, option: str, factory: Any, kwargs: Mapping[str, Any
         raise ValueError(f"{group}={option}: missing required parameter(s) {', '.join(missing)}")
 
 
+def accepted_parameters(factory: Any) -> set[str]:
+    """Names of the keyword arguments ``factory`` accepts."""
+    params = inspect.signature(factory).parameters
+    return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}
+
+
 def build_from_registry(group: str, registry: Mapping[str, Any], cfg: Any, key: str = "name",
-                        drop: tuple[str, ...] = ("name",), **extra: Any) -> Any:
-    """Instantiate ``registry[cfg[key]]`` with the config's other keys (minus ``drop``) plus ``extra``."""
+                        drop: tuple[str, ...] = ("name",), context: Mapping[str, Any] | None = None,
+                        **extra: Any) -> Any:
+    """Instantiate ``registry[cfg[key]]`` with the config's other keys (minus ``drop``) plus ``extra``.
+
+    ``context`` holds run facts some implementations need and others don't (the loss weighting, the image
+    resolution, ...): each entry is passed only if the factory has a parameter of that name, and never overrides a
+    value given in the config.
+    """
     kwargs = to_plain_dict(cfg)
     choice = kwargs.get(key)
     if choice not in registry:
@@ -55,4 +66,9 @@ def build_from_registry(group: str, registry: Mapping[str, Any], cfg: Any, key: 
     kwargs.update(extra)
     factory = registry[choice]
     check_kwargs(group, str(choice), factory, kwargs)
+    if context:
+        wanted = accepted_parameters(factory)
+        for k, v in context.items():
+            if k in wanted and kwargs.get(k) is None:
+                kwargs[k] = v
     return factory(**kwargs)

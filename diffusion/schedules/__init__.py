@@ -1,6 +1,6 @@
 """Training noise schedules, each a distribution over ln σ (see ``base.NoiseSchedule``), selected by ``schedule=<name>``.
 
-``build_schedule(cfg.schedule)`` constructs one from its config group; the config's keys (except ``name``)
+``build_schedule(cfg.schedule, **context)`` constructs one from its config group; the config's keys (except ``name``)
 are the constructor's keyword arguments.
 """
 
@@ -17,9 +17,13 @@ SCHEDULES: dict[str, type[NoiseSchedule]] = {
 }
 
 
-def build_schedule(schedule_cfg: Any) -> NoiseSchedule:
-    """Build the schedule named by ``schedule_cfg.name`` with the remaining keys as keyword arguments."""
-    return build_from_registry("schedule", SCHEDULES, schedule_cfg)
+def build_schedule(schedule_cfg: Any, **context: Any) -> NoiseSchedule:
+    """Build the schedule named by ``schedule_cfg.name`` with the remaining keys as keyword arguments.
+
+    ``context`` (e.g. ``weighting=``, ``img_resolution=``, ``sigma_data=``) is passed to the schedules whose
+    constructors take a parameter of that name (see ``configs.build_from_registry``).
+    """
+    return build_from_registry("schedule", SCHEDULES, schedule_cfg, context=context)
 
 
 __all__ = ["NoiseSchedule", "LogNormal", "SCHEDULES", "build_schedule"]
