@@ -176,7 +176,8 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
                               label_dim=label_dim).to(device)
     weighting = build_weighting(cfg.weighting)
     schedule = build_schedule(cfg.schedule, weighting=weighting, img_resolution=dataset.resolution,
-                              sigma_data=cfg.precond.sigma_data).to(device)
+                              sigma_data=cfg.precond.sigma_data, total_nimg=int(round(cfg.train.total_kimg * 1000)),
+                              batch_size=cfg.train.batch).to(device)
     loss_fn = DenoisingLoss(schedule, weighting)
 
     if cfg.dry_run:
@@ -212,14 +213,16 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
         denoiser.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
         cur_nimg, step = int(state["progress"]["cur_nimg"]), int(state["progress"]["step"])
-        rng_states = state["rng"]
-        if len(rng_states) == world:
+        # Per-process state (RNG streams, an adaptive schedule's not-yet-reduced statistics) is stored per rank.
+        rng_states, schedule_states = state["rng"], state["schedule"]
+        same_world = len(rng_states) == world
+        schedule.load_state_dict(schedule_states[rank if same_world else 0])
+        if same_world:
             _set_rng_state(rng_states[rank])
         elif dist_info.is_main:
-            log.warning("checkpoint holds RNG states of %d processes, this run has %d: noise streams are re-seeded",
-                        len(rng_states), world)
+            log.warning("checkpoint was written by %d processes, this run has %d: noise streams are re-seeded and "
+                        "every rank starts from rank 0's schedule state", len(rng_states), world)
         if dist_info.is_main:
             log.info("resumed from %s at %.1f kimg (step %d)", ckpt_path, cur_nimg / 1000, step)
 
@@ -264,6 +267,7 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
 
     def save(final: bool = False) -> None:
         rng_states = all_gather_object(_rng_state())
+        schedule_states = all_gather_object(schedule.state_dict())
         if dist_info.is_main:
             path = save_checkpoint(run_dir / "checkpoints" / checkpoint_name(cur_nimg), {
                 "config": resolved,
@@ -271,7 +275,7 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
                              "label_dim": label_dim, "augment_dim": 0},
                 "progress": {"cur_nimg": cur_nimg, "step": step},
                 "net": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "rng": rng_states,
+                "schedule": schedule_states, "rng": rng_states,
             })
             prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             log.info("saved %s%s", path, " (final)" if final else "")

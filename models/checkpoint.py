@@ -7,8 +7,9 @@ so opening a checkpoint never runs code):
     config:   the run's resolved config (plain dict)
     geometry: {img_resolution, img_channels, label_dim, augment_dim} — what the network was built for
     progress: {cur_nimg, step}
-    net, ema, optimizer, schedule: state dicts (schedule holds an adaptive schedule's state, e.g. InfoNoise's)
-    rng: {torch: CPU generator state, cuda: [per-device states]}
+    net, ema, optimizer: state dicts
+    schedule: [one state dict per process] (an adaptive schedule's state, e.g. InfoNoise's, incl. per-rank windows)
+    rng: [one {torch: CPU generator state, cuda: [per-device states]} per process]
 
 Files are named ``checkpoint-<images seen, 10 digits>.pt`` inside ``<run_dir>/checkpoints/``. ``save_checkpoint``
 writes to a temporary file in the same directory, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs
