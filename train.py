@@ -267,7 +267,7 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
 
     def save(final: bool = False) -> None:
         rng_states = all_gather_object(_rng_state())
-        schedule_states = all_gather_object(schedule.state_dict())
+        schedule_states = all_gather_object({k: v.cpu() for k, v in schedule.state_dict().items()})
         if dist_info.is_main:
             path = save_checkpoint(run_dir / "checkpoints" / checkpoint_name(cur_nimg), {
                 "config": resolved,
