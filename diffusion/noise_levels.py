@@ -7,9 +7,14 @@ sigmalab works in EDM's parameterisation x = y + σ·n with n ~ N(0, I). The oth
   We take the SNR of x = y + σ·n as 1/σ², i.e. *without* folding in σ_data: this is the logSNR of the equivalent
   variance-preserving process x_vp = (y + σ·n)/√(1 + σ²) = α·y + s·n with α² = 1/(1+σ²), s² = σ²/(1+σ²),
   so that published λ-schedules (defined on VP processes with data in [-1, 1]) transfer unchanged.
-  Densities convert with |dλ/du| = 2: p_λ(λ) = ½·p_u(−λ/2).
+  Densities convert with |dλ/du| = 2: p_λ(λ) = ½·p_u(−λ/2), p_u(u) = 2·p_λ(−2u).
 - t ∈ [0, 1]                    — "schedule time" of Hang et al.: t = 1 − CDF_λ(λ), so t = 0 is clean and t = 1 is
-  pure noise; in ln σ this is simply t = CDF_u(ln σ) because λ decreases as σ grows.
+  pure noise; in ln σ this is simply t = CDF_u(ln σ) because λ decreases as σ grows. For a schedule object this is
+  ``schedule.cdf(ln σ)`` and its inverse ``schedule.icdf(t)``.
+- VP coefficients (α, s)         — x_vp = α·y + s·n with α = 1/√(1+σ²), s = σ/√(1+σ²);
+  α² = sigmoid(λ), s² = sigmoid(−λ).
+- rectified-flow time τ ∈ [0, 1] — x_rf = (1 − τ)·y + τ·n (Liu et al. 2022; SD3), which is x/(1 + σ) with
+  σ = τ/(1 − τ), i.e. τ = σ/(1 + σ) = sigmoid(ln σ) and λ = 2·ln((1 − τ)/τ).
 """
 
 from __future__ import annotations
@@ -36,3 +41,19 @@ def log_sigma_to_logsnr(log_sigma: Tensor) -> Tensor:
 def logsnr_to_log_sigma(logsnr: Tensor) -> Tensor:
     """u = −λ/2."""
     return -0.5 * logsnr
+
+
+def sigma_to_vp(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(α, s) of the equivalent variance-preserving process: α = 1/√(1+σ²), s = σ/√(1+σ²)."""
+    norm = torch.rsqrt(1.0 + sigma**2)
+    return norm, sigma * norm
+
+
+def flow_time_to_sigma(tau: Tensor) -> Tensor:
+    """σ = τ/(1 − τ) for rectified-flow time τ (x_rf = (1−τ)·y + τ·n)."""
+    return tau / (1.0 - tau)
+
+
+def sigma_to_flow_time(sigma: Tensor) -> Tensor:
+    """τ = σ/(1 + σ)."""
+    return sigma / (1.0 + sigma)

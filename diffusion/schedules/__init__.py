@@ -1,7 +1,22 @@
-"""Training noise schedules, each a distribution over ln σ (see ``base.NoiseSchedule``), selected by ``schedule=<name>``.
+"""Training noise schedules, each a distribution over ln σ (``base.NoiseSchedule``), selected by ``schedule=<name>``.
 
 ``build_schedule(cfg.schedule, **context)`` constructs one from its config group; the config's keys (except ``name``)
 are the constructor's keyword arguments.
+
+| name             | family (λ = −2 ln σ)                              | module           |
+|------------------|---------------------------------------------------|------------------|
+| lognormal        | EDM: ln σ ~ N(p_mean, p_std²)                      | lognormal.py     |
+| logit_normal     | SD3: rectified-flow τ ~ logit-normal(m, s)          | rectified_flow.py|
+| fm_ot            | flow matching: τ ~ U(0, 1), λ = 2 ln((1−τ)/τ)       | rectified_flow.py|
+| cosine           | λ = −2 ln tan(πt/2)                                | cosine.py        |
+| cosine_shifted   | cosine + 2 ln(64/resolution) (simple diffusion)    | cosine.py        |
+| cosine_scaled    | k·cosine (Hang et al.; form assumed, see module)   | cosine.py        |
+| laplace          | λ ~ Laplace(μ, b) (Hang et al.)                    | logsnr.py        |
+| cauchy           | λ ~ Cauchy(μ, γ) (Hang et al.)                     | logsnr.py        |
+| uniform_logsnr   | λ ~ U[λ_min, λ_max]                                | logsnr.py        |
+| vp               | EDM's VP: t ~ U[ε_t, 1], linear-β σ(t)             | vp_ve.py         |
+| ve               | EDM's VE: ln σ ~ U[ln 0.02, ln 100]                | vp_ve.py         |
+| discrete_ddpm    | DDPM's 1000 linear-β levels, uniform               | discrete.py      |
 """
 
 from __future__ import annotations
@@ -10,10 +25,28 @@ from typing import Any
 
 from configs import build_from_registry
 from diffusion.schedules.base import NoiseSchedule
+from diffusion.schedules.cosine import Cosine, CosineScaled, CosineShifted
+from diffusion.schedules.discrete import DiscreteDDPM
 from diffusion.schedules.lognormal import LogNormal
+from diffusion.schedules.logsnr import Cauchy, Laplace, UniformLogSNR
+from diffusion.schedules.rectified_flow import FlowMatchingOT, LogitNormal
+from diffusion.schedules.vp_ve import VE, VP
 
 SCHEDULES: dict[str, type[NoiseSchedule]] = {
     "lognormal": LogNormal,
+    "logit_normal": LogitNormal,
+    "fm_ot": FlowMatchingOT,
+    "cosine": Cosine,
+    "cosine_shifted": CosineShifted,
+    "cosine_scaled": CosineScaled,
+    "laplace": Laplace,
+    "cauchy": Cauchy,
+    "uniform_logsnr": UniformLogSNR,
+    "vp": VP,
+    "ve": VE,
+    "discrete_ddpm": DiscreteDDPM,
+
+    # 'infonoise' (adaptive, diffusion/schedules/infonoise.py) and 'tabulated' are registered here by their author.
 }
 
 
@@ -26,4 +59,7 @@ def build_schedule(schedule_cfg: Any, **context: Any) -> NoiseSchedule:
     return build_from_registry("schedule", SCHEDULES, schedule_cfg, context=context)
 
 
-__all__ = ["NoiseSchedule", "LogNormal", "SCHEDULES", "build_schedule"]
+__all__ = [
+    "NoiseSchedule", "LogNormal", "LogitNormal", "FlowMatchingOT", "Cosine", "CosineShifted", "CosineScaled",
+    "Laplace", "Cauchy", "UniformLogSNR", "VP", "VE", "DiscreteDDPM", "SCHEDULES", "build_schedule",
+]

@@ -135,8 +135,12 @@ class NoiseSchedule(nn.Module):
     def sample(
         self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw n noise levels σ (float32)."""
-        return self.sample_log_sigma(n, device=device, generator=generator).exp()
+        """Draw n noise levels σ (float32), inside [sigma_min, sigma_max] (as float32 numbers) when truncated."""
+        sigma = self.sample_log_sigma(n, device=device, generator=generator).exp()
+        if self.truncated:
+            # ln σ is clamped in float64 by icdf; rounding to float32 and exp may step one ulp past a bound.
+            sigma = sigma.clamp(min=self.sigma_min, max=self.sigma_max)
+        return sigma
 
     def update(self, sigma: Tensor, mse: Tensor) -> None:
         """Observe the per-sample unweighted denoising error ‖D − y‖² at the drawn σ (adaptive schedules only)."""
