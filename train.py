@@ -174,10 +174,11 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     denoiser = build_denoiser(cfg, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
                               label_dim=label_dim).to(device)
-    weighting = build_weighting(cfg.weighting)
+    weighting = build_weighting(cfg.weighting, img_resolution=dataset.resolution, sigma_data=cfg.precond.sigma_data)
     schedule = build_schedule(cfg.schedule, weighting=weighting, img_resolution=dataset.resolution,
                               sigma_data=cfg.precond.sigma_data, total_nimg=int(round(cfg.train.total_kimg * 1000)),
                               batch_size=cfg.train.batch).to(device)
+    weighting.attach_schedule(schedule)  # only the importance weighting uses the sampling density
     loss_fn = DenoisingLoss(schedule, weighting)
 
     if cfg.dry_run:
@@ -237,9 +238,12 @@ def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
     accum_rounds = batch_per_rank // batch_gpu
     sampler = InfiniteSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world, start=cur_nimg,
                               batch_size_per_rank=batch_per_rank)
+    # The loader gets its own generator: creating its iterator draws a base seed, which must not come from (and
+    # shift) the global RNG that the noise and σ draws use — otherwise a resumed run would diverge.
+    loader_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
                                          num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.train.num_workers > 0)
+                                         persistent_workers=cfg.train.num_workers > 0, generator=loader_generator)
     batches = iter(loader)
 
     # --- run directory -----------------------------------------------------------------------------------------------
