@@ -1,9 +1,13 @@
 """Datasets and sampling for sigmalab: ``build_dataset(cfg.data, split)`` picks a source from the ``SOURCES`` registry.
 
 Sources (``data.source``): ``digits`` (scikit-learn 8x8 digits, optionally binarized / upsampled; no download),
-``cifar10`` (the official python archive), ``folder`` (a directory tree of images or an EDM-style zip). Every dataset
-yields ``(uint8 [C, H, W], label)`` items; ``to_model_space`` / ``to_uint8`` convert to and from [-1, 1].
-``InfiniteSampler`` is the resumable DDP-sharded index stream used by the training loop.
+``cifar10`` (the official python archive, or a directory prepared from it), ``folder`` (a directory tree of images or
+an EDM-style zip), ``prepared`` (a directory written by ``python -m data.prepare``: memory-mapped pixels such as
+ImageNet-64, or SD-VAE latents such as ImageNet-256/512). Pixel datasets yield ``(uint8 [C, H, W], label)`` items,
+latent datasets ``(float32 [C, h, w], label)`` already in model space (``dataset.latent`` is True);
+``to_model_space`` / ``to_uint8`` convert pixels to and from [-1, 1]. ``InfiniteSampler`` is the resumable
+DDP-sharded index stream used by the training loop; ``build_augment_pipe`` (``data.augment``) EDM's geometric
+augmentation; ``LatentCodec`` decodes generated latents to images.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .augment import AugmentPipe, build_augment_pipe
 from .cifar10 import Cifar10Dataset, build_cifar10
 from .dataset import ImageDataset, cfg_to_dict, to_model_space, to_uint8
 from .digits import DigitsDataset, build_digits
 from .image_folder import ImageFolderDataset, build_folder
+from .latents import LatentCodec
+from .prepared import PreparedDataset, build_prepared
 from .sampler import InfiniteSampler
 
 __all__ = [
@@ -27,13 +34,18 @@ __all__ = [
     "DigitsDataset",
     "Cifar10Dataset",
     "ImageFolderDataset",
+    "PreparedDataset",
     "InfiniteSampler",
+    "AugmentPipe",
+    "build_augment_pipe",
+    "LatentCodec",
 ]
 
 SOURCES: dict[str, Callable[[dict, str], ImageDataset]] = {
     "digits": build_digits,
     "cifar10": build_cifar10,
     "folder": build_folder,
+    "prepared": build_prepared,
 }
 SPLITS = ("train", "test")
 
@@ -42,7 +54,7 @@ def build_dataset(data_cfg: Any, split: str = "train") -> ImageDataset:
     """The dataset described by a data config group (``configs/data/*.yaml``) for ``split`` in {"train", "test"}.
 
     "test" is the held-out split: the digits' fixed stratified held-out part, CIFAR-10's test_batch, or for the
-    folder source the images at ``data.test_path``.
+    folder and prepared sources (and a prepared CIFAR-10) the dataset at ``data.test_path``.
     """
     cfg = cfg_to_dict(data_cfg)
     if split not in SPLITS:
@@ -51,3 +63,4 @@ def build_dataset(data_cfg: Any, split: str = "train") -> ImageDataset:
     if source not in SOURCES:
         raise ValueError(f"unknown data.source {source!r}; valid: {', '.join(SOURCES)}")
     return SOURCES[source](cfg, split)
+

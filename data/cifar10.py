@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import InMemoryImageDataset, check_config_value
+from .dataset import ImageDataset, InMemoryImageDataset, check_config_value
 
 __all__ = ["Cifar10Dataset", "load_cifar10_arrays", "build_cifar10", "CIFAR10_URL", "RestrictedUnpickler"]
 
@@ -141,7 +141,9 @@ def load_cifar10_arrays(path: str | os.PathLike, split: str = "train") -> tuple[
     if not path.exists():
         raise FileNotFoundError(
             f"CIFAR-10 not found at '{path}'; download {CIFAR10_URL} and pass "
-            f"data.path=<the .tar.gz or the extracted directory> (or set SIGMALAB_DATA=<its folder>)"
+            f"data.path=<the .tar.gz or the extracted directory> (or set SIGMALAB_DATA=<its folder>), or prepare "
+            f"a memory-mapped copy with `python -m data.prepare cifar10 --source <the .tar.gz> --dest DIR` and pass "
+            f"data.path=DIR"
         )
     wanted = TRAIN_MEMBERS if split == "train" else TEST_MEMBERS
     raw = _read_members_from_dir(path, wanted) if path.is_dir() else _read_members_from_tar(path, wanted)
@@ -170,8 +172,39 @@ class Cifar10Dataset(InMemoryImageDataset):
         super().__init__(torch.from_numpy(images), labels, name=name, cond=cond, xflip=xflip, num_classes=NUM_CLASSES)
 
 
-def build_cifar10(cfg: dict, split: str = "train") -> Cifar10Dataset:
-    """Build from a plain data-config dict (keys of configs/data/cifar10.yaml)."""
+def _build_prepared_cifar10(cfg: dict, split: str) -> ImageDataset:
+    """CIFAR-10 from directories made by ``python -m data.prepare cifar10`` (train: data.path, test: data.test_path)."""
+    from .prepared import PreparedDataset
+
+    path = cfg.get("path") if split == "train" else cfg.get("test_path")
+    if path is None:
+        raise ValueError(
+            f"data.path='{cfg.get('path')}' is a prepared CIFAR-10 train split; the test split needs "
+            "data.test_path=<a dir made by `python -m data.prepare cifar10 --split test --source "
+            "cifar-10-python.tar.gz --dest DIR`>"
+        )
+    return PreparedDataset(
+        path,
+        name=cfg.get("name") or "cifar10",
+        resolution=cfg.get("resolution"),
+        channels=cfg.get("channels"),
+        cond=bool(cfg.get("cond", False)),
+        xflip=bool(cfg.get("xflip", False)),
+        kind="pixels",
+    )
+
+
+def build_cifar10(cfg: dict, split: str = "train") -> ImageDataset:
+    """Build from a plain data-config dict (keys of configs/data/cifar10.yaml).
+
+    ``data.path`` is the official archive (or its extracted folder), decoded into memory, or a directory prepared by
+    ``python -m data.prepare cifar10`` (memory-mapped; the test split then comes from ``data.test_path``).
+    """
+    from .shards import is_prepared
+
+    path = cfg.get("path")
+    if path is not None and Path(path).expanduser().is_dir() and is_prepared(Path(path).expanduser()):
+        return _build_prepared_cifar10(cfg, split)
     return Cifar10Dataset(
         cfg.get("path"),
         name=cfg.get("name") or "cifar10",

@@ -76,7 +76,12 @@ class ImageDataset(Dataset):
         binary: True when every pixel is 0 or 255 (the binarized digits).
         xflip: whether items N..2N-1 are the mirrored copies of 0..N-1.
         num_images: N, the number of distinct (un-flipped) images.
+        latent: True for datasets of VAE latents (float32 items in model space, see ``data.prepared``); they also
+            set ``latent_info`` (what ``data.latents.LatentCodec.from_info`` needs to decode samples).
     """
+
+    latent: bool = False
+    latent_info: dict | None = None
 
     def __init__(
         self,

@@ -41,8 +41,8 @@ def raw_digits():
 # registry / pixel encoding
 # ---------------------------------------------------------------------------------------------------------------------
 def test_registry_and_unknown_source():
-    assert set(SOURCES) == {"digits", "cifar10", "folder"}
-    with pytest.raises(ValueError, match=r"unknown data.source 'mnist'.*digits, cifar10, folder"):
+    assert set(SOURCES) == {"digits", "cifar10", "folder", "prepared"}
+    with pytest.raises(ValueError, match=r"unknown data.source 'mnist'.*digits, cifar10, folder, prepared"):
         build_dataset({"name": "x", "source": "mnist"})
     with pytest.raises(ValueError, match=r"unknown split 'val'.*train, test"):
         build_dataset(digits_cfg(), split="val")
@@ -390,3 +390,87 @@ def test_folder_test_split_from_test_path(folder_images, tmp_path):
     _write_folder(tmp_path / "te", names[3:], images[3:], labels[3:])
     test = build_dataset(_folder_cfg(tmp_path / "tr", test_path=str(tmp_path / "te")), "test")
     assert np.array_equal(test.all_images().numpy(), images[3:].transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prepared (memory-mapped shard) format
+# ---------------------------------------------------------------------------------------------------------------------
+def _write_prepared(dest, images, labels=None, shard_size=4, settings=None):
+    from data.shards import ShardedWriter
+
+    writer = ShardedWriter(dest, num_items=len(images), item_shape=images.shape[1:], dtype=images.dtype,
+                           shard_size=shard_size, settings=settings or {"test": 1}, command="make it")
+    for k in writer.pending_shards():
+        start, stop = writer.shard_range(k)
+        writer.write_shard(k, images[start:stop])
+    return writer.finalize({"kind": "pixels", "num_classes": None if labels is None else int(max(labels)) + 1},
+                           labels)
+
+
+def test_prepared_dataset_reads_shards_exactly_and_in_workers(tmp_path):
+    from data.shards import open_npy
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(10, 3, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=10)
+    meta = _write_prepared(tmp_path / "ds", images, labels)
+    assert meta["shards"] == ["images-00000.npy", "images-00001.npy", "images-00002.npy"]
+    assert np.array_equal(np.load(tmp_path / "ds" / "images-00001.npy"), images[4:8])  # plain .npy files
+    assert np.array_equal(open_npy(tmp_path / "ds" / "images-00002.npy"), images[8:])
+    cfg = {"name": "p", "source": "prepared", "path": str(tmp_path / "ds"), "cond": True, "xflip": True}
+    ds = build_dataset(cfg)
+    assert len(ds) == 20 and ds.label_dim == int(labels.max()) + 1 and ds[-1][0].shape == (3, 8, 8)
+    assert np.array_equal(ds.all_images().numpy(), images) and ds.all_labels().tolist() == labels.tolist()
+    for i in range(20):
+        image, label = ds[i]
+        expected = images[i % 10][:, :, ::-1] if i >= 10 else images[i]
+        assert np.array_equal(image.numpy(), expected) and label == labels[i % 10]
+        image[:] = 0  # items are copies: writing one does not touch the (read-only) map
+    assert np.array_equal(ds.all_images().numpy(), images)
+    with pytest.raises(IndexError):
+        ds[20]
+    with pytest.raises(ValueError, match=r"data.resolution=16 but the prepared dataset .* has resolution=8"):
+        build_dataset({**cfg, "resolution": 16})
+    # DataLoader workers (forked, each mapping the shards itself) deliver the same batches as the main process
+    batches = [
+        [b[0] for b in torch.utils.data.DataLoader(ds, batch_size=5, num_workers=w)] for w in (0, 2)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*batches)) and len(batches[1]) == 4
+
+
+def test_shard_writes_are_atomic_and_checked(tmp_path, monkeypatch):
+    from data import shards
+    from data.shards import ShardedWriter, open_npy
+
+    images = np.arange(6 * 4, dtype=np.uint8).reshape(6, 1, 2, 2)
+    writer = ShardedWriter(tmp_path / "d", num_items=6, item_shape=(1, 2, 2), dtype=np.uint8, shard_size=4,
+                           settings={"a": 1})
+    with pytest.raises(ValueError, match=r"shard 1: expected uint8 \(2, 1, 2, 2\)"):
+        writer.write_shard(1, images[:3])
+
+    def fail_midway(f, array, **kwargs):
+        f.write(b"\x93NUMPY partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shards.np.lib.format, "write_array", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        writer.write_shard(0, images[:4])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".prepare-state.json"]  # nothing half-written
+    assert writer.pending_shards() == [0, 1]
+    with pytest.raises(RuntimeError, match=r"cannot finalize .* shard\(s\) \[0, 1\] not written"):
+        writer.finalize({"kind": "pixels"}, None)
+    writer.write_shard(1, images[4:])
+    # a restarted writer with the same settings resumes; with other settings it refuses
+    again = ShardedWriter(tmp_path / "d", num_items=6, item_shape=(1, 2, 2), dtype=np.uint8, shard_size=4,
+                          settings={"a": 1})
+    assert again.pending_shards() == [0]
+    with pytest.raises(ValueError, match=r"unfinished preparation with other settings \(differing: a\)"):
+        ShardedWriter(tmp_path / "d", num_items=6, item_shape=(1, 2, 2), dtype=np.uint8, shard_size=4,
+                      settings={"a": 2})
+    # a damaged shard is detected (and redone), and the reader refuses truncated files
+    shard = tmp_path / "d" / "images-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    assert again.pending_shards() == [0, 1]
+    with pytest.raises(ValueError, match="truncated"):
+        open_npy(shard)
