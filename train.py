@@ -4,17 +4,18 @@
     python train.py model=ddpmpp data=cifar10 data.path=... schedule=laplace train.total_kimg=200000
     python train.py -m schedule=lognormal,laplace,cauchy      # a sweep, one run directory per schedule
     torchrun --standalone --nproc_per_node=8 train.py ...     # data-parallel on 8 devices
-    python train.py run_dir=<existing run dir> resume=auto    # continue a run where it stopped
+    python train.py run_dir=<existing run dir>                # continue a run where it stopped (resume=auto)
 
 Budgets and intervals are counted in images (kimg), like EDM. One training step: draw a global batch, split it over
-processes and (optionally) gradient-accumulation rounds, compute the schedule-sampled, weighted denoising loss
+processes and gradient-accumulation rounds, compute the schedule-sampled, weighted denoising loss
 (``diffusion.loss``), take an Adam step with a linearly ramped learning rate, update the EMA, and let the schedule
 observe the per-sample errors (adaptive schedules such as InfoNoise rebuild themselves from them).
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per tick), ``train.log``,
-``samples/grid-<kimg>.png`` and ``checkpoints/checkpoint-<nimg>.pt`` (see ``models.checkpoint``); a resumed run is
-identical to an uninterrupted one on CPU (same parameters bit for bit): the data order is a pure function of
-(seed, images seen), and the checkpoint carries the model, EMA, optimizer, schedule state and every RNG state.
+``samples/grid-<kimg>kimg.png``, ``checkpoints/checkpoint-<nimg>.pt`` (see ``models.checkpoint``) and, at the end,
+``ema.safetensors``. A resumed run is identical to an uninterrupted one on CPU (same parameters bit for bit): the
+data order is a pure function of (seed, images seen), and the checkpoint carries the model, EMA, optimizer, schedule
+state and every RNG state. SIGTERM / SIGUSR1 (cluster pre-emption) write a checkpoint and exit with status 0.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import logging
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,20 +37,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from configs import to_plain_dict
 from configs.validation import ConfigError, config_differences, validate_train_config
-from data import build_dataset, to_model_space
-from data.sampler import InfiniteSampler
+from data import build_augment_pipe, build_dataset, to_model_space
+from data.sampler import InfiniteSampler, epoch_permutation
 from diffusion.loss import DenoisingLoss
 from diffusion.preconditioning import build_denoiser
+from diffusion.samplers import sampler_options
 from diffusion.schedules import build_schedule
+from diffusion.sigma_grids import build_sigma_grid, parse_infogrid
 from diffusion.weighting import build_weighting
 from models import count_parameters
-from models.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                               resolve_checkpoint, save_checkpoint)
+from models.checkpoint import (checkpoint_name, export_safetensors, latest_checkpoint, load_checkpoint,
+                               prune_checkpoints, resolve_checkpoint, save_checkpoint)
 from models.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                                 init_distributed, shutdown_distributed)
 from models.ema import EMA
 
 log = logging.getLogger("sigmalab.train")
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CONV_ARCHS = ("songunet", "adm")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -61,12 +69,10 @@ class RunLogger:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        if not enabled:
-            return
-        if logger_cfg.name == "wandb":
-            self.wandb_run = self._init_wandb(run_dir, logger_cfg, config)
-        elif logger_cfg.name != "local":
+        if logger_cfg.name not in ("local", "wandb"):
             raise ConfigError(f"logger: unknown logger '{logger_cfg.name}'; valid choices: local, wandb")
+        if enabled and logger_cfg.name == "wandb":
+            self.wandb_run = self._init_wandb(run_dir, logger_cfg, config)
 
     @staticmethod
     def _init_wandb(run_dir: Path, cfg: Any, config: dict):
@@ -98,6 +104,48 @@ class RunLogger:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Pre-emption: SIGTERM (torchrun / SLURM shutdown) and SIGUSR1 (SLURM's --signal=USR1@<s> warning before the time
+# limit) only set a flag; the loop checkpoints at the end of the current step and exits cleanly.
+
+
+class StopSignals:
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _requeue_slurm_job() -> None:
+    """Ask SLURM to requeue this job (it then restarts in the same run directory and resumes)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        log.info("requeued SLURM job %s", job)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.warning("could not requeue SLURM job %s: %s", job, err)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -111,20 +159,21 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path(cfg.run_dir)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+def _rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
+    noise_generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _interval_due(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
+def _interval_due(prev_nimg: int, cur_nimg: int, every_kimg: float | None) -> bool:
     """True when a multiple of ``every_kimg`` was crossed between prev_nimg (exclusive) and cur_nimg (inclusive)."""
     if not every_kimg:
         return False
@@ -140,239 +189,402 @@ def _grid_labels(num: int, label_dim: int) -> torch.Tensor | None:
     return torch.arange(num) // side % label_dim
 
 
-def _snapshot_grid(ema_model: torch.nn.Module, cfg: DictConfig, dataset: Any, device: torch.device,
-                   path: Path) -> None:
-    from sample import generate_images, save_grid
-
-    num = cfg.train.grid_seeds
-    images = generate_images(ema_model, list(range(num)), sampler_cfg=cfg.sampler, batch_size=min(num, 256),
-                             device=device, class_labels=_grid_labels(num, ema_model.label_dim),
-                             binary=dataset.binary)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, path)
-
-
 def describe(denoiser: torch.nn.Module, dataset: Any) -> str:
     return (f"dataset: {dataset.name} ({len(dataset)} images, {dataset.num_channels}x{dataset.resolution}x"
             f"{dataset.resolution}, {dataset.label_dim or 'no'} class labels)\n"
             f"parameters: {count_parameters(denoiser)}")
 
 
+def _flops_line(net: torch.nn.Module, dataset: Any, label_dim: int) -> str:
+    try:
+        from models.flops import count_flops
+    except ImportError:
+        return ""
+    try:
+        flops = count_flops(net, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
+                            label_dim=label_dim)
+    except Exception as err:  # noqa: BLE001 - FLOP counting is informative only
+        return f"GFLOPs per forward: unavailable ({err})"
+    return f"GFLOPs per forward: {flops / 1e9:.3f} (one image; a multiply-add counts as 2 FLOPs)"
+
+
+def _setup_backends(cfg: DictConfig, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
+        torch.backends.cudnn.benchmark = True
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
-    """Run (or resume) the training job described by ``cfg``; returns the run directory (None for dry runs)."""
-    dist_info = dist_info or init_distributed(cfg.device)
-    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    validate_train_config(cfg, world_size=world)
+class Trainer:
+    """One training run: builds everything from ``cfg``, resumes, loops, checkpoints."""
 
-    # --- data, model, optimisation objects --------------------------------------------------------------------------
-    dataset = build_dataset(cfg.data, split="train")
-    label_dim = dataset.label_dim
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    denoiser = build_denoiser(cfg, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
-                              label_dim=label_dim).to(device)
-    weighting = build_weighting(cfg.weighting, img_resolution=dataset.resolution, sigma_data=cfg.precond.sigma_data)
-    schedule = build_schedule(cfg.schedule, weighting=weighting, img_resolution=dataset.resolution,
-                              sigma_data=cfg.precond.sigma_data, total_nimg=int(round(cfg.train.total_kimg * 1000)),
-                              batch_size=cfg.train.batch).to(device)
-    weighting.attach_schedule(schedule)  # only the importance weighting uses the sampling density
-    loss_fn = DenoisingLoss(schedule, weighting)
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
+        self.device, self.rank, self.world = dist_info.device, dist_info.rank, dist_info.world_size
+        t = cfg.train
+        validate_train_config(cfg, world_size=self.world)
+        if t.precision not in _PRECISIONS:
+            raise ConfigError(f"train.precision: must be one of {', '.join(_PRECISIONS)}, got {t.precision!r}")
+        if t.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite: must be 'stop' or 'skip', got {t.nonfinite!r}")
+        _setup_backends(cfg, self.device)
 
-    if cfg.dry_run:
-        if dist_info.is_main:
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-            print(f"schedule: {schedule}\nweighting: {weighting}")
-            print(describe(denoiser, dataset))
-        return None
+        self.dataset = build_dataset(cfg.data, split="train")
+        self.augment = build_augment_pipe(cfg.data)
+        self.label_dim = self.dataset.label_dim
+        self.augment_dim = self.augment.augment_dim if self.augment is not None else 0
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.denoiser = build_denoiser(cfg, img_resolution=self.dataset.resolution,
+                                       img_channels=self.dataset.num_channels, label_dim=self.label_dim,
+                                       augment_dim=self.augment_dim).to(self.device)
+        self.channels_last = (t.channels_last is True or (t.channels_last == "auto" and self.device.type == "cuda"
+                                                          and cfg.model.get("arch") in _CONV_ARCHS))
+        if self.channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        self.weighting = build_weighting(cfg.weighting, img_resolution=self.dataset.resolution,
+                                         sigma_data=cfg.precond.sigma_data)
+        self.total_nimg = int(round(t.total_kimg * 1000))
+        self.schedule = build_schedule(cfg.schedule, weighting=self.weighting, img_resolution=self.dataset.resolution,
+                                       sigma_data=cfg.precond.sigma_data, total_nimg=self.total_nimg,
+                                       batch_size=t.batch).to(self.device)
+        self.weighting.attach_schedule(self.schedule)  # only the importance weighting uses the sampling density
+        self.loss_fn = DenoisingLoss(self.schedule, self.weighting)
+        # The sampler config is used only for sample grids and evaluation: check it now, not hours into the run.
+        build_sigma_grid(cfg.sampler, schedule_context={"img_resolution": self.dataset.resolution},
+                         profile_schedule=self._grid_profile())
+        sampler_options(cfg.sampler)
+        self.batch = t.batch
+        self.batch_per_rank = t.batch // self.world
+        self.batch_gpu = t.batch_gpu or self.batch_per_rank
+        self.accum_rounds = self.batch_per_rank // self.batch_gpu
+        self.cur_nimg, self.step, self.skipped_steps = 0, 0, 0
 
-    run_dir = _run_dir(cfg)
-    run_dir = Path(broadcast_object(str(run_dir)))  # every rank writes (rank 0 only) into rank 0's directory
-    ema = EMA(denoiser, halflife_kimg=cfg.train.ema_halflife_kimg, rampup_ratio=cfg.train.ema_rampup_ratio)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                 eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
-    resolved = to_plain_dict(cfg)
+    def _grid_profile(self) -> Any:
+        """For ``sampler.steps_from=infonoise[...]`` (InfoGrid): the live InfoNoise profile's step density."""
+        parsed = parse_infogrid(self.cfg.sampler.get("steps_from"))
+        if parsed is None:
+            return None
+        if not hasattr(self.schedule, "step_density"):
+            raise ConfigError(f"sampler.steps_from={self.cfg.sampler.steps_from} places steps by a learned InfoNoise "
+                              f"profile, but this run trains with schedule={self.cfg.schedule.name}; use "
+                              "schedule=infonoise or another sampler.steps_from")
+        variant, weight = parsed
+        return self.schedule.step_density(variant, **({} if weight is None else {"edm_weight": weight}))
 
-    # --- resume ------------------------------------------------------------------------------------------------------
-    cur_nimg, step = 0, 0
-    torch.manual_seed(cfg.seed + rank)  # per-rank noise streams
-    ckpt_path = None
-    if cfg.resume == "auto":
-        ckpt_path = latest_checkpoint(run_dir)
-        if ckpt_path is None and dist_info.is_main:
-            log.info("resume=auto: no checkpoint in %s yet, starting from scratch", run_dir)
-    elif cfg.resume is not None:
-        ckpt_path = resolve_checkpoint(cfg.resume)
-    if ckpt_path is not None:
+    # --- set-up that only real runs need ---------------------------------------------------------------------------
+
+    def _build_optimisation(self) -> None:
+        t = self.cfg.train
+        self.ema = EMA(self.denoiser, halflife_kimg=t.ema_halflife_kimg, rampup_ratio=t.ema_rampup_ratio)
+        fused = (t.fused_adam is True or (t.fused_adam == "auto" and self.device.type == "cuda")) or None
+        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                          weight_decay=t.weight_decay, fused=fused)
+        self.autocast_dtype = _PRECISIONS[t.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.model: torch.nn.Module = self.denoiser
+        if self.dist.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        # The global-batch noise stream (same seed on every rank); dropout and augmentation use the per-rank RNG.
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+
+    def _resume(self, run_dir: Path, resolved: dict) -> None:
+        cfg = self.cfg
+        ckpt_path = None
+        if cfg.resume == "auto":
+            ckpt_path = latest_checkpoint(run_dir)
+        elif cfg.resume is not None:
+            ckpt_path = resolve_checkpoint(cfg.resume)
+        if ckpt_path is None:
+            return
         state = load_checkpoint(ckpt_path)
         diffs = config_differences(state["config"], resolved)
         if diffs:
             raise ConfigError(f"cannot resume {ckpt_path}: its config differs from this run's in\n  "
                               + "\n  ".join(diffs))
-        denoiser.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        cur_nimg, step = int(state["progress"]["cur_nimg"]), int(state["progress"]["step"])
+        self.denoiser.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        progress = state["progress"]
+        self.cur_nimg, self.step = int(progress["cur_nimg"]), int(progress["step"])
+        self.skipped_steps = int(progress.get("skipped_steps", 0))
         # Per-process state (RNG streams, an adaptive schedule's not-yet-reduced statistics) is stored per rank.
         rng_states, schedule_states = state["rng"], state["schedule"]
-        same_world = len(rng_states) == world
-        schedule.load_state_dict(schedule_states[rank if same_world else 0])
+        same_world = len(rng_states) == self.world
+        self.schedule.load_state_dict(schedule_states[self.rank if same_world else 0])
         if same_world:
-            _set_rng_state(rng_states[rank])
-        elif dist_info.is_main:
-            log.warning("checkpoint was written by %d processes, this run has %d: noise streams are re-seeded and "
-                        "every rank starts from rank 0's schedule state", len(rng_states), world)
-        if dist_info.is_main:
-            log.info("resumed from %s at %.1f kimg (step %d)", ckpt_path, cur_nimg / 1000, step)
+            _set_rng_state(rng_states[self.rank], self.noise_generator)
+        else:
+            # The global-batch noise stream is the same on every rank, so it carries over to any number of processes.
+            self.noise_generator.set_state(rng_states[0]["noise"])
+            if self.dist.is_main:
+                log.warning("checkpoint was written by %d processes, this run has %d: per-process RNG streams "
+                            "(dropout, augmentation) are re-seeded and every rank starts from rank 0's schedule "
+                            "state", len(rng_states), self.world)
+        if self.dist.is_main:
+            log.info("resumed from %s at %.1f kimg (step %d)", ckpt_path, self.cur_nimg / 1000, self.step)
 
-    # --- distributed wrapper and data stream -------------------------------------------------------------------------
-    model: torch.nn.Module = denoiser
-    if dist_info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            denoiser, device_ids=[device.index] if device.type == "cuda" else None)
-    batch = cfg.train.batch
-    batch_per_rank = batch // world
-    batch_gpu = cfg.train.batch_gpu or batch_per_rank
-    accum_rounds = batch_per_rank // batch_gpu
-    sampler = InfiniteSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world, start=cur_nimg,
-                              batch_size_per_rank=batch_per_rank)
-    # The loader gets its own generator: creating its iterator draws a base seed, which must not come from (and
-    # shift) the global RNG that the noise and σ draws use — otherwise a resumed run would diverge.
-    loader_generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
-                                         num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.train.num_workers > 0, generator=loader_generator)
-    batches = iter(loader)
+    def _data_stream(self):
+        sampler = InfiniteSampler(len(self.dataset), seed=self.cfg.seed, rank=self.rank, world_size=self.world,
+                                  start=self.cur_nimg, batch_size_per_rank=self.batch_per_rank)
+        # The loader gets its own generator: creating its iterator draws a base seed, which must not come from (and
+        # shift) the global RNG that the noise and σ draws use — otherwise a resumed run would diverge.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.rank)
+        workers = self.cfg.train.num_workers
+        loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=self.batch_gpu,
+                                             num_workers=workers, pin_memory=self.device.type == "cuda",
+                                             persistent_workers=workers > 0, generator=generator)
+        return iter(loader)
 
-    # --- run directory -----------------------------------------------------------------------------------------------
-    logger = RunLogger(run_dir, cfg.logger, resolved, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        log.info("run directory: %s", run_dir)
-        log.info(describe(denoiser, dataset))
-        log.info("schedule: %s | weighting: %s | batch %d = %d process(es) x %d round(s) x %d", schedule,
-                 weighting, batch, world, accum_rounds, batch_gpu)
+    def _batch_indices(self, start_nimg: int) -> list[int]:
+        """The dataset indices this rank trained on in the step that began at ``start_nimg`` (for error reports)."""
+        n = len(self.dataset)
+        first = start_nimg + self.rank * self.batch_per_rank
+        out = []
+        for p in range(first, first + self.batch_per_rank):
+            out.append(int(epoch_permutation(n, self.cfg.seed, p // n)[p % n]))
+        return out
 
-    total_nimg = int(round(cfg.train.total_kimg * 1000))
-    num_dims = dataset.num_channels * dataset.resolution**2
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    tick_loss = torch.zeros((), dtype=torch.float64, device=device)
-    tick_mse = torch.zeros((), dtype=torch.float64, device=device)
-    tick_count = torch.zeros((), dtype=torch.float64, device=device)
-    progress = None
-    if dist_info.is_main:
-        from tqdm import tqdm
+    # --- one optimisation step ---------------------------------------------------------------------------------------
 
-        progress = tqdm(total=total_nimg, initial=cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-                        desc="training", disable=None, mininterval=1.0)
+    def _train_step(self, batches) -> dict[str, Any]:
+        cfg, t, device = self.cfg, self.cfg.train, self.device
+        lr = t.lr * (min(self.cur_nimg / (t.lr_rampup_kimg * 1000.0), 1.0) if t.lr_rampup_kimg > 0 else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        mse_sum = torch.zeros((), dtype=torch.float64, device=device)
+        sigmas = []
+        # σ, noise and label-dropout decisions for the whole *global* batch come from one generator that is identical
+        # on every rank; each (rank, accumulation round) uses its slice. The result therefore does not depend on how
+        # the batch is split over processes and rounds (up to float summation order).
+        shape = (self.dataset.num_channels, self.dataset.resolution, self.dataset.resolution)
+        sigma_all, noise_all = self.loss_fn.draw(self.batch, shape, device, generator=self.noise_generator)
+        keep_all = None
+        if self.label_dim and t.label_dropout > 0:
+            keep_all = torch.rand(self.batch, 1, device=device, generator=self.noise_generator) >= t.label_dropout
+        for round_idx in range(self.accum_rounds):
+            lo = self.rank * self.batch_per_rank + round_idx * self.batch_gpu
+            part = slice(lo, lo + self.batch_gpu)
+            images, labels = next(batches)
+            images = to_model_space(images.to(device, non_blocking=True))
+            augment_labels = None
+            if self.augment is not None:
+                images, augment_labels = self.augment(images)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            onehot = None
+            if self.label_dim:
+                onehot = torch.nn.functional.one_hot(labels.to(device).long(), self.label_dim).float()
+                if keep_all is not None:
+                    onehot = onehot * keep_all[part]
+            sync = round_idx == self.accum_rounds - 1 or not self.dist.distributed
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                      else contextlib.nullcontext()):
+                    out = self.loss_fn(self.forward, images, class_labels=onehot, augment_labels=augment_labels,
+                                       sigma=sigma_all[part], noise=noise_all[part])
+                self.scaler.scale(out.loss.sum().div(self.batch_per_rank)).backward()
+            self.schedule.update(out.sigma, out.mse)
+            loss_sum += out.loss.detach().sum().double()
+            mse_sum += out.mse.sum().double()
+            sigmas.append(out.sigma.detach())
 
-    def save(final: bool = False) -> None:
-        rng_states = all_gather_object(_rng_state())
-        schedule_states = all_gather_object({k: v.cpu() for k, v in schedule.state_dict().items()})
-        if dist_info.is_main:
-            path = save_checkpoint(run_dir / "checkpoints" / checkpoint_name(cur_nimg), {
+        # Non-finite check on the global loss and the (already all-reduced) gradient norm: every rank decides alike.
+        self.scaler.unscale_(self.optimizer)
+        max_norm = t.grad_clip if t.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), max_norm)
+        global_loss = all_reduce_sum(loss_sum.clone())
+        finite = bool(torch.isfinite(global_loss)) and (t.precision == "fp16" or bool(torch.isfinite(grad_norm)))
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        start_nimg = self.cur_nimg
+        self.cur_nimg += self.batch
+        self.step += 1
+        if not finite:
+            self._non_finite(start_nimg, torch.cat(sigmas), global_loss, grad_norm)
+        ema_beta = self.ema.update(self.denoiser, self.cur_nimg, self.batch)
+        return {"lr": lr, "ema_beta": ema_beta, "loss_sum": loss_sum, "mse_sum": mse_sum, "grad_norm": grad_norm,
+                "finite": finite}
+
+    def _non_finite(self, start_nimg: int, sigma: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        what = "loss" if not torch.isfinite(loss) else "gradient"
+        indices = self._batch_indices(start_nimg)
+        shown = ", ".join(map(str, indices[:16])) + (", ..." if len(indices) > 16 else "")
+        message = (f"non-finite {what} at step {self.step - 1} ({start_nimg / 1000:.3f} kimg): loss {float(loss)}, "
+                   f"grad norm {float(grad_norm)}, σ in [{float(sigma.min()):.4g}, {float(sigma.max()):.4g}], "
+                   f"dataset indices (rank {self.rank}) [{shown}]")
+        if self.cfg.train.nonfinite == "stop":
+            raise FloatingPointError(message + "; the last checkpoint is intact: resume from it with a lower train.lr"
+                                     " or train.grad_clip, or set train.nonfinite=skip")
+        self.skipped_steps += 1
+        log.warning("%s — step skipped (%d so far)", message, self.skipped_steps)
+        if self.skipped_steps > self.cfg.train.max_skipped_steps:
+            raise FloatingPointError(f"{message}; more than train.max_skipped_steps="
+                                     f"{self.cfg.train.max_skipped_steps} steps skipped")
+
+    # --- checkpoints, grids, evaluation ------------------------------------------------------------------------------
+
+    def _save(self, run_dir: Path, resolved: dict, final: bool = False) -> None:
+        rng_states = all_gather_object(_rng_state(self.noise_generator))
+        schedule_states = all_gather_object({k: v.cpu() for k, v in self.schedule.state_dict().items()})
+        if self.dist.is_main:
+            path = save_checkpoint(run_dir / "checkpoints" / checkpoint_name(self.cur_nimg), {
                 "config": resolved,
-                "geometry": {"img_resolution": dataset.resolution, "img_channels": dataset.num_channels,
-                             "label_dim": label_dim, "augment_dim": 0},
-                "progress": {"cur_nimg": cur_nimg, "step": step},
-                "net": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "geometry": {"img_resolution": self.dataset.resolution, "img_channels": self.dataset.num_channels,
+                             "label_dim": self.label_dim, "augment_dim": self.augment_dim,
+                             "latent_info": getattr(self.dataset, "latent_info", None)},
+                "progress": {"cur_nimg": self.cur_nimg, "step": self.step, "skipped_steps": self.skipped_steps},
+                "net": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "schedule": schedule_states, "rng": rng_states,
             })
-            prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+            keep_every = self.cfg.train.keep_every_kimg
+            prune_checkpoints(run_dir, self.cfg.train.keep_checkpoints,
+                              keep_every_nimg=None if not keep_every else int(round(keep_every * 1000)))
             log.info("saved %s%s", path, " (final)" if final else "")
+            if final:
+                export_safetensors(path, run_dir / "ema.safetensors", ema=True)
         barrier()
 
-    # --- the loop ----------------------------------------------------------------------------------------------------
-    denoiser.train()
-    try:
-        while cur_nimg < total_nimg:
-            lr = cfg.train.lr
-            if cfg.train.lr_rampup_kimg > 0:
-                lr *= min(cur_nimg / (cfg.train.lr_rampup_kimg * 1000.0), 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            sigmas = []
-            for round_idx in range(accum_rounds):
-                images, labels = next(batches)
-                images = to_model_space(images.to(device, non_blocking=True))
-                onehot = None
-                if label_dim:
-                    onehot = torch.nn.functional.one_hot(labels.to(device).long(), label_dim).float()
-                    if cfg.train.label_dropout > 0:
-                        keep = torch.rand(onehot.shape[0], 1, device=device) >= cfg.train.label_dropout
-                        onehot = onehot * keep
-                sync = round_idx == accum_rounds - 1 or not dist_info.distributed
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    out = loss_fn(model, images, class_labels=onehot)
-                    out.loss.sum().div(batch_per_rank).backward()
-                schedule.update(out.sigma, out.mse)
-                step_loss += out.loss.detach().sum().double()
-                tick_mse += out.mse.sum().double()
-                sigmas.append(out.sigma.detach())
-            if not torch.isfinite(step_loss):
-                sigma = torch.cat(sigmas)
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} ({cur_nimg / 1000:.1f} kimg), σ in [{float(sigma.min()):.4g}, "
-                    f"{float(sigma.max()):.4g}]; resume from the last checkpoint with a lower train.lr or "
-                    "train.grad_clip")
-            if cfg.train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            prev_nimg = cur_nimg
-            cur_nimg += batch
-            step += 1
-            ema_beta = ema.update(denoiser, cur_nimg, batch)
-            schedule_stats = schedule.on_step(step)
-            tick_loss += step_loss
-            tick_count += batch_per_rank
-            if progress is not None:
-                progress.update(cur_nimg - prev_nimg)
-            done = cur_nimg >= total_nimg
+    def _snapshot_grid(self, path: Path) -> None:
+        from sample import generate_images, save_grid
 
-            if schedule_stats and dist_info.is_main:
-                logger.log({"kimg": cur_nimg / 1000, "step": step, **{f"schedule/{k}": v
-                                                                      for k, v in schedule_stats.items()}})
-            if done or _interval_due(prev_nimg, cur_nimg, cfg.train.tick_kimg):
-                totals = all_reduce_sum(torch.stack([tick_loss, tick_mse, tick_count]))
-                elapsed = time.time() - tick_start_time
-                record = {
-                    "kimg": cur_nimg / 1000, "step": step,
-                    "loss": float(totals[0] / totals[2] / num_dims),  # weighted loss per dimension
-                    "mse": float(totals[1] / totals[2] / num_dims),  # unweighted ‖D − y‖² per dimension
-                    "lr": lr, "ema_beta": ema_beta,
-                    "img_per_s": (cur_nimg - tick_start_nimg) / max(elapsed, 1e-9),
-                    "sec_per_kimg": elapsed / max((cur_nimg - tick_start_nimg) / 1000, 1e-9),
-                    "time": time.time(),
-                }
-                if dist_info.is_main:
-                    logger.log(record)
-                    msg = (f"kimg {record['kimg']:9.1f} | step {step:7d} | loss {record['loss']:.4f} | "
-                           f"{record['img_per_s']:8.1f} img/s | lr {lr:.2e}")
-                    if progress is not None and not progress.disable:
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                    log.info(msg)
-                tick_loss.zero_()
-                tick_mse.zero_()
-                tick_count.zero_()
-                tick_start_nimg, tick_start_time = cur_nimg, time.time()
-            if dist_info.is_main and cfg.train.grid_seeds and (
-                    done or _interval_due(prev_nimg, cur_nimg, cfg.train.snapshot_kimg)):
-                _snapshot_grid(ema.model, cfg, dataset, device,
-                               run_dir / "samples" / f"grid-{cur_nimg // 1000:06d}kimg.png")
-            if done or _interval_due(prev_nimg, cur_nimg, cfg.train.checkpoint_kimg):
-                save(final=done)
-    finally:
-        if progress is not None:
-            progress.close()
-        logger.close()
-    if dist_info.is_main:
-        log.info("done: %.1f kimg in %s", cur_nimg / 1000, run_dir)
-    return run_dir
+        num = self.cfg.train.grid_seeds
+        ema_model = self.ema.model
+        images = generate_images(ema_model, list(range(num)), sampler_cfg=self.cfg.sampler,
+                                 batch_size=min(num, 256), device=self.device,
+                                 class_labels=_grid_labels(num, ema_model.label_dim), binary=self.dataset.binary,
+                                 profile_schedule=self._grid_profile())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, path)
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+
+    def run(self, run_dir: Path) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        resolved = to_plain_dict(cfg)
+        self._build_optimisation()
+        torch.manual_seed(cfg.seed + self.rank)  # per-rank noise streams (replaced by the checkpoint's on resume)
+        self._resume(run_dir, resolved)
+        batches = self._data_stream()
+        logger = RunLogger(run_dir, cfg.logger, resolved, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            log.info("run directory: %s", run_dir)
+            log.info(describe(self.denoiser, self.dataset))
+            log.info("schedule: %s | weighting: %s | batch %d = %d process(es) x %d round(s) x %d | %s%s",
+                     self.schedule, self.weighting, self.batch, self.world, self.accum_rounds, self.batch_gpu,
+                     t.precision, f" | {self.augment}" if self.augment is not None else "")
+
+        num_dims = self.dataset.num_channels * self.dataset.resolution**2
+        tick = {"nimg": self.cur_nimg, "time": time.time(), "sums": torch.zeros(4, dtype=torch.float64,
+                                                                                 device=self.device)}
+        progress = None
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_nimg, initial=self.cur_nimg, unit="img", unit_scale=True,
+                            dynamic_ncols=True, desc="training", disable=None, mininterval=1.0)
+        stop_flag = torch.zeros((), device=self.device)
+        self.denoiser.train()
+        try:
+            with StopSignals() as signals:
+                while self.cur_nimg < self.total_nimg:
+                    prev_nimg = self.cur_nimg
+                    stats = self._train_step(batches)
+                    # loss, mse, images, grad norm (summed per tick; the norm is the same on every rank)
+                    tick["sums"] += torch.stack([stats["loss_sum"], stats["mse_sum"],
+                                                 stats["loss_sum"].new_tensor(self.batch_per_rank),
+                                                 stats["grad_norm"].double() / self.world])
+                    schedule_stats = self.schedule.on_step(self.step)
+                    if progress is not None:
+                        progress.update(self.cur_nimg - prev_nimg)
+                    # Pre-emption: every rank must agree to stop at the same step.
+                    stop_flag.fill_(1.0 if signals.received else 0.0)
+                    stop = bool(all_reduce_sum(stop_flag) > 0) if self.dist.distributed else bool(signals.received)
+                    done = self.cur_nimg >= self.total_nimg
+
+                    if schedule_stats and self.dist.is_main:
+                        logger.log({"kimg": self.cur_nimg / 1000, "step": self.step,
+                                    **{f"schedule/{k}": v for k, v in schedule_stats.items()}})
+                    if done or stop or _interval_due(prev_nimg, self.cur_nimg, t.tick_kimg):
+                        self._log_tick(tick, stats, num_dims, logger, progress)
+                    if self.dist.is_main and t.grid_seeds and (
+                            done or _interval_due(prev_nimg, self.cur_nimg, t.snapshot_kimg)):
+                        self._snapshot_grid(run_dir / "samples" / f"grid-{self.cur_nimg // 1000:06d}kimg.png")
+                    if done or stop or _interval_due(prev_nimg, self.cur_nimg, t.checkpoint_kimg):
+                        self._save(run_dir, resolved, final=done)
+                    if stop:
+                        if self.dist.is_main:
+                            log.info("%s received: checkpointed at %.3f kimg; continue with run_dir=%s resume=auto",
+                                     signals.received or "stop signal", self.cur_nimg / 1000, run_dir)
+                        if signals.received == "SIGUSR1" and t.slurm_requeue and self.dist.is_main:
+                            _requeue_slurm_job()
+                        break
+        finally:
+            if progress is not None:
+                progress.close()
+            logger.close()
+        if self.dist.is_main and self.cur_nimg >= self.total_nimg:
+            log.info("done: %.1f kimg in %s", self.cur_nimg / 1000, run_dir)
+        return run_dir
+
+    def _log_tick(self, tick: dict, stats: dict, num_dims: int, logger: RunLogger, progress: Any) -> None:
+        totals = all_reduce_sum(tick["sums"].clone())
+        images = float(totals[2])
+        elapsed = time.time() - tick["time"]
+        kimg_done = (self.cur_nimg - tick["nimg"]) / 1000
+        steps_done = max(kimg_done * 1000 / self.batch, 1e-9)
+        record = {
+            "kimg": self.cur_nimg / 1000, "step": self.step,
+            "loss": float(totals[0]) / max(images, 1) / num_dims,  # weighted loss per dimension
+            "mse": float(totals[1]) / max(images, 1) / num_dims,  # unweighted ‖D − y‖² per dimension
+            "grad_norm": float(totals[3]) / steps_done,
+            "lr": stats["lr"], "ema_beta": stats["ema_beta"], "skipped_steps": self.skipped_steps,
+            "img_per_s": kimg_done * 1000 / max(elapsed, 1e-9),
+            "sec_per_kimg": elapsed / max(kimg_done, 1e-9),
+            "time": time.time(),
+        }
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.dist.is_main:
+            logger.log(record)
+            if progress is not None and not progress.disable:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            log.info("kimg %9.1f | step %7d | loss %.4f | %8.1f img/s | lr %.2e", record["kimg"], self.step,
+                     record["loss"], record["img_per_s"], stats["lr"])
+        tick["sums"].zero_()
+        tick["nimg"], tick["time"] = self.cur_nimg, time.time()
+
+
+def train(cfg: DictConfig, dist_info: DistInfo | None = None) -> Path | None:
+    """Run (or resume) the training job described by ``cfg``; returns the run directory (None for dry runs)."""
+    dist_info = dist_info or init_distributed(cfg.device)
+    trainer = Trainer(cfg, dist_info)
+    if cfg.dry_run:
+        if dist_info.is_main:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            print(f"schedule: {trainer.schedule}\nweighting: {trainer.weighting}")
+            if trainer.augment is not None:
+                print(f"augmentation: {trainer.augment}")
+            print(describe(trainer.denoiser, trainer.dataset))
+            flops = _flops_line(trainer.denoiser.net, trainer.dataset, trainer.label_dim)
+            if flops:
+                print(flops)
+        return None
+    run_dir = Path(broadcast_object(str(_run_dir(cfg))))  # every rank uses rank 0's directory (only rank 0 writes)
+    return trainer.run(run_dir)
 
 
 def main(cfg: DictConfig) -> None:

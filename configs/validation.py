@@ -18,6 +18,9 @@ RESUME_MUST_MATCH = ("model", "data", "precond", "schedule", "weighting", "seed"
                      "train.ema_rampup_ratio", "train.lr_rampup_kimg", "train.grad_clip")
 
 
+VALID_METRICS = ("fid", "isc", "kid", "prc", "nll")
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
@@ -83,6 +86,15 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
     _require(isinstance(k, int) and k >= 0, "train.keep_checkpoints", f"must be an integer >= 0, got {k!r}")
     g = t.grid_seeds
     _require(isinstance(g, int) and g >= 0, "train.grid_seeds", f"must be an integer >= 0, got {g!r}")
+    metrics = list(cfg.eval.get("metrics", []) or [])
+    bad = [m for m in metrics if m not in VALID_METRICS]
+    _require(not bad, "eval.metrics", f"unknown metric(s) {', '.join(map(str, bad))}; valid: {', '.join(VALID_METRICS)}")
+    _positive_number(cfg, "eval.every_kimg", allow_null=True)
+    logger = cfg.logger
+    _require(logger.name in ("local", "wandb"), "logger", f"unknown logger {logger.name!r}; valid choices: local, wandb")
+    if logger.name == "wandb":
+        _require(logger.mode in ("online", "offline", "disabled"), "logger.mode",
+                 f"must be online, offline or disabled, got {logger.mode!r}")
     resume = cfg.resume
     _require(resume is None or isinstance(resume, str), "resume",
              f"must be null, 'auto' or a path to a checkpoint / run directory, got {resume!r}")

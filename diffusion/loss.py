@@ -36,12 +36,23 @@ class DenoisingLoss:
         self.schedule = schedule
         self.weighting = weighting
 
+    def draw(self, batch: int, shape: tuple[int, ...], device: torch.device | str,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """σ ~ schedule and unit noise n ~ N(0, I) for ``batch`` samples of ``shape``, in that order from ``generator``."""
+        sigma = self.schedule.sample(batch, device=device, generator=generator)
+        noise = torch.randn((batch, *shape), device=device, generator=generator)
+        return sigma, noise
+
     def __call__(self, denoiser: nn.Module, images: Tensor, class_labels: Tensor | None = None,
-                 augment_labels: Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
-        batch = images.shape[0]
-        sigma = self.schedule.sample(batch, device=images.device, generator=generator)
-        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
-        noisy = images + noise * sigma.reshape(-1, 1, 1, 1)
+                 augment_labels: Tensor | None = None, generator: torch.Generator | None = None,
+                 sigma: Tensor | None = None, noise: Tensor | None = None) -> LossOutput:
+        """The loss of a batch. σ and the unit noise are drawn here unless given (the training loop draws them for
+        the whole global batch, so that results do not depend on how the batch is split over processes)."""
+        if (sigma is None) != (noise is None):
+            raise ValueError("give both sigma and noise, or neither")
+        if sigma is None:
+            sigma, noise = self.draw(images.shape[0], tuple(images.shape[1:]), images.device, generator)
+        noisy = images + noise.to(images.dtype) * sigma.reshape(-1, 1, 1, 1)
         denoised = denoiser(noisy, sigma, class_labels=class_labels, augment_labels=augment_labels)
         sq_err = (denoised - images).square().flatten(1).sum(dim=1)
         weight = self.weighting(sigma)

@@ -118,15 +118,60 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything); returns the deleted paths."""
+def _nimg_of(path: Path) -> int:
+    return int(_NAME_RE.match(path.name).group(1))
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, keep_every_nimg: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything); returns the deleted paths.
+
+    With ``keep_every_nimg`` = E, the first checkpoint at or after each multiple of E (E, 2E, ...) is kept for ever,
+    e.g. for FID-vs-training curves. The rule depends only on the checkpoints present, and only unprotected ones are
+    ever deleted, so it stays stable from one pruning to the next.
+    """
     if keep <= 0:
         return []
     ckpts = list_checkpoints(run_dir)
-    doomed = ckpts[:-keep]
+    protected: set[Path] = set(ckpts[-keep:])
+    if keep_every_nimg:
+        prev_bucket = 0
+        for p in ckpts:
+            bucket = _nimg_of(p) // keep_every_nimg
+            if bucket > prev_bucket:
+                protected.add(p)
+            prev_bucket = bucket
+    doomed = [p for p in ckpts if p not in protected]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def export_safetensors(path: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
+    """Write a checkpoint's network weights (EMA by default) as safetensors, with the config in the metadata.
+
+    The file holds only tensors; the metadata strings ``config`` (JSON) and ``geometry`` (JSON) say how to rebuild
+    the network (``diffusion.preconditioning.build_denoiser``). Written atomically like the checkpoints.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    state = load_checkpoint(path)
+    weights = {k: v.contiguous() for k, v in state["ema" if ema else "net"].items()}
+    metadata = {"format": "sigmalab-weights", "weights": "ema" if ema else "net",
+                "config": json.dumps(state["config"]), "geometry": json.dumps(state["geometry"]),
+                "progress": json.dumps(state["progress"])}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(weights, tmp_name, metadata=metadata)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"):
@@ -135,6 +180,9 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch
 
     from diffusion.preconditioning import build_denoiser
 
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors_denoiser(path, device)
     state = load_checkpoint(path)
     cfg = OmegaConf.create(state["config"])
     geometry = state["geometry"]
@@ -142,3 +190,43 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch
                               label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
     denoiser.load_state_dict(state["ema" if ema else "net"])
     return denoiser.eval().requires_grad_(False).to(device), cfg
+
+
+def _load_safetensors_denoiser(path: Path, device: str | torch.device):
+    import json
+
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from diffusion.preconditioning import build_denoiser
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != "sigmalab-weights":
+        raise CheckpointError(f"{path} is not a sigmalab weights file (no 'sigmalab-weights' metadata)")
+    cfg = OmegaConf.create(json.loads(metadata["config"]))
+    geometry = json.loads(metadata["geometry"])
+    denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
+                              label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
+    denoiser.load_state_dict(load_file(str(path)))
+    return denoiser.eval().requires_grad_(False).to(device), cfg
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m models.checkpoint export <checkpoint or run dir> <out.safetensors> [--raw]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m models.checkpoint", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="write the (EMA) network weights of a checkpoint as safetensors")
+    exp.add_argument("checkpoint", help="checkpoint file, or a run directory (its newest checkpoint)")
+    exp.add_argument("out", help="output .safetensors path")
+    exp.add_argument("--raw", action="store_true", help="export the raw training weights instead of the EMA")
+    args = parser.parse_args(argv)
+    out = export_safetensors(args.checkpoint, args.out, ema=not args.raw)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    _main()

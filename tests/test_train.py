@@ -26,7 +26,7 @@ def test_resume_is_exact(tmp_path):
     assert [p.name for p in list_checkpoints(split)] == ["checkpoint-0000000128.pt"]
     _train(split, "resume=auto")
     a, b = load_checkpoint(full), load_checkpoint(split)
-    assert a["progress"] == b["progress"] == {"cur_nimg": 256, "step": 8}
+    assert a["progress"] == b["progress"] == {"cur_nimg": 256, "step": 8, "skipped_steps": 0}
     for key in ("net", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
