@@ -152,12 +152,14 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], *, sampler_cfg: An
 def generate_images(denoiser: torch.nn.Module, seeds: Sequence[int], *, sampler_cfg: Any, batch_size: int,
                     device: torch.device | str, class_labels: Tensor | None = None, label_dim: int | None = None,
                     binary: bool = False, progress: bool = False, guide: torch.nn.Module | None = None,
-                    profile_schedule: Any = None, info: dict[str, Any] | None = None) -> Tensor:
+                    profile_schedule: Any = None, info: dict[str, Any] | None = None,
+                    latent_codec: Any = None) -> Tensor:
     """uint8 images [N, C, H, W] for ``seeds`` (N = len(seeds)), generated ``batch_size`` at a time.
 
     ``class_labels`` (int64 [N]) fixes the labels of a conditional model; ``binary`` rounds the output to {0, 255}
     (discrete data); ``progress`` shows a progress bar. ``guide`` is the autoguidance model (default: loaded from
     ``sampler.guide_ckpt`` when set); ``profile_schedule`` the InfoNoise profile for ``sampler.steps_from=infonoise``.
+    ``latent_codec`` (``data.LatentCodec``) decodes the samples of a latent-space model into uint8 RGB images.
     If ``info`` is a dict it receives the sampling facts: ``nfe`` (network evaluations per image, guide included),
     ``nfe_main``, ``nfe_guide``, ``num_steps`` and the σ grid ``sigmas``.
     """
@@ -183,7 +185,7 @@ def generate_images(denoiser: torch.nn.Module, seeds: Sequence[int], *, sampler_
         x = _sample_batch(setup, denoiser, batch_seeds, device, labels)
         main_evals += setup.main_counter.images
         guide_evals += 0 if setup.guide_counter is None else setup.guide_counter.images
-        images = to_uint8(x).cpu()
+        images = (latent_codec.decode(x) if latent_codec is not None else to_uint8(x)).cpu()
         if binary:
             images = torch.where(images >= 128, 255, 0).to(torch.uint8)
         out.append(images)
@@ -194,6 +196,16 @@ def generate_images(denoiser: torch.nn.Module, seeds: Sequence[int], *, sampler_
                     nfe_guide=_int_if_whole(nfe_guide), num_steps=len(setup.sigmas) - 1,
                     sigmas=[float(s) for s in setup.sigmas])
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+
+
+def latent_codec_for(denoiser: torch.nn.Module, device: torch.device | str) -> Any:
+    """The SD-VAE decoder of a latent-space model (from its checkpoint's ``latent_info``), or None for pixel models."""
+    info = getattr(denoiser, "latent_info", None)
+    if not info:
+        return None
+    from data import LatentCodec
+
+    return LatentCodec.from_info(info, device=device)
 
 
 def _int_if_whole(value: float) -> int | float:
@@ -317,10 +329,11 @@ def main(cfg: Any) -> Path:
     steps_from = _plain(cfg.sampler).get("steps_from")
     if parse_infogrid(steps_from) is not None:
         profile = load_profile_schedule(ckpt_path, steps_from, device)
+    codec = latent_codec_for(denoiser, device)
     info: dict[str, Any] = {}
     images = generate_images(denoiser, seeds, sampler_cfg=cfg.sampler, batch_size=cfg.batch, device=device,
                              class_labels=labels, binary=binary, progress=True, guide=guide,
-                             profile_schedule=profile, info=info)
+                             profile_schedule=profile, info=info, latent_codec=codec)
     sampler = _plain(cfg.sampler)
     w = 1.0 if sampler.get("guidance") is None else float(sampler["guidance"])
     guidance = "" if w == 1.0 else (

@@ -456,6 +456,15 @@ class Trainer:
                 export_safetensors(path, run_dir / "ema.safetensors", ema=True)
         barrier()
 
+    def _latent_codec(self) -> Any:
+        """The VAE decoder for grids of a latent-space run (loaded once), None for pixel data."""
+        info = getattr(self.dataset, "latent_info", None)
+        if info and not hasattr(self, "_codec"):
+            from data import LatentCodec
+
+            self._codec = LatentCodec.from_info(info, device=self.device)
+        return getattr(self, "_codec", None)
+
     def _snapshot_grid(self, path: Path) -> None:
         from sample import generate_images, save_grid
 
@@ -464,7 +473,7 @@ class Trainer:
         images = generate_images(ema_model, list(range(num)), sampler_cfg=self.cfg.sampler,
                                  batch_size=min(num, 256), device=self.device,
                                  class_labels=_grid_labels(num, ema_model.label_dim), binary=self.dataset.binary,
-                                 profile_schedule=self._grid_profile())
+                                 profile_schedule=self._grid_profile(), latent_codec=self._latent_codec())
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, path)
 

@@ -150,7 +150,8 @@ def export_safetensors(path: str | os.PathLike, out: str | os.PathLike, ema: boo
     """Write a checkpoint's network weights (EMA by default) as safetensors, with the config in the metadata.
 
     The file holds only tensors; the metadata strings ``config`` (JSON) and ``geometry`` (JSON) say how to rebuild
-    the network (``diffusion.preconditioning.build_denoiser``). Written atomically like the checkpoints.
+    the network (``diffusion.preconditioning.build_denoiser``). Written atomically like the checkpoints;
+    ``load_denoiser`` reads these files too.
     """
     import json
 
@@ -189,6 +190,7 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch
     denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
                               label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
     denoiser.load_state_dict(state["ema" if ema else "net"])
+    denoiser.latent_info = geometry.get("latent_info")  # set for latent-space models: how to decode their samples
     return denoiser.eval().requires_grad_(False).to(device), cfg
 
 
@@ -210,6 +212,7 @@ def _load_safetensors_denoiser(path: Path, device: str | torch.device):
     denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
                               label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
     denoiser.load_state_dict(load_file(str(path)))
+    denoiser.latent_info = geometry.get("latent_info")
     return denoiser.eval().requires_grad_(False).to(device), cfg
 
 
