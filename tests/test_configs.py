@@ -1,0 +1,85 @@
+"""Every config option composes and builds; unknown options fail with the valid choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import CONFIG_DIR, compose
+
+GROUPS = ["model", "data", "precond", "schedule", "weighting", "sampler", "eval", "logger"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_builds(group, option):
+    cfg = compose("train", [f"{group}={option}"])
+    assert cfg[group].name, f"{group}/{option}.yaml has no name"
+    if group == "schedule":
+        from diffusion.schedules import build_schedule
+        from diffusion.weighting import build_weighting
+
+        weighting = build_weighting(cfg.weighting, img_resolution=32, sigma_data=0.5)
+        schedule = build_schedule(cfg.schedule, weighting=weighting, img_resolution=32, sigma_data=0.5,
+                                  total_nimg=1000, batch_size=64)
+        sigma = schedule.sample(1000, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(sigma).all() and (sigma > 0).all()
+    elif group == "weighting":
+        from diffusion.schedules import build_schedule
+        from diffusion.weighting import build_weighting
+
+        weighting = build_weighting(cfg.weighting, img_resolution=32, sigma_data=0.5)
+        weighting.attach_schedule(build_schedule(cfg.schedule))
+        w = weighting(torch.tensor([0.002, 1.0, 80.0]))
+        assert torch.isfinite(w).all() and (w > 0).all()
+    elif group == "precond":
+        from diffusion.preconditioning import build_denoiser
+
+        denoiser = build_denoiser(cfg, img_resolution=8, img_channels=1)
+        out = denoiser(torch.randn(2, 1, 8, 8), torch.tensor([0.01, 10.0]))
+        assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    elif group == "sampler":
+        from diffusion.samplers import sampler_options
+        from diffusion.sigma_grids import build_sigma_grid
+
+        if not str(cfg.sampler.get("steps_from", "rho")).startswith("infonoise"):
+            sigmas = build_sigma_grid(cfg.sampler, schedule_context={"img_resolution": 32})
+            assert sigmas[-1] == 0 and (sigmas[:-1].diff() < 0).all()
+        sampler_options(cfg.sampler)
+    elif group == "model":
+        from models import build_network, count_parameters
+
+        with torch.device("meta"):
+            net = build_network(cfg.model, img_resolution=32, img_channels=4 if "dit" in option else 3,
+                                label_dim=10)
+        assert count_parameters(net) > 0
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_unknown_option_lists_valid_choices(group):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as info:
+        compose("train", [f"{group}=no_such_option"])
+    message = str(info.value)
+    assert "no_such_option" in message
+    for option in _options(group)[:3]:
+        assert option in message
+
+
+def test_experiment_presets_compose():
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        cfg = compose("train", [f"experiment={path.stem}"])
+        assert cfg.train.batch > 0, path
+
+
+def test_defaults_are_the_cpu_demo():
+    cfg = compose("train", [])
+    assert (cfg.model.name, cfg.data.name, cfg.schedule.name, cfg.precond.name, cfg.sampler.name) == (
+        "unet_tiny", "digits", "lognormal", "edm", "heun")
+    assert Path(CONFIG_DIR / "train.yaml").read_text().count("optional experiment") == 1
