@@ -610,6 +610,9 @@ def _entry() -> None:
     # Only rank 0 writes Hydra's .hydra/ folder and log file; the other ranks of a torchrun job stay silent.
     if int(os.environ.get("RANK", "0")) != 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    # A dry run only prints: it creates no run directory.
+    if "dry_run=true" in sys.argv[1:] and "-m" not in sys.argv[1:] and "--multirun" not in sys.argv[1:]:
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
     hydra.main(version_base="1.3", config_path="configs", config_name="train")(main)()
 
 

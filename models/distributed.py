@@ -62,6 +62,8 @@ def init_distributed(device_spec: str = "auto", timeout_s: int = 1800) -> DistIn
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+            _rendezvous_from_slurm()
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch multi-process runs with torchrun "
                                "(or hydra/launcher=submitit_slurm), which sets the rendezvous variables")
@@ -69,6 +71,21 @@ def init_distributed(device_spec: str = "auto", timeout_s: int = 1800) -> DistIn
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _rendezvous_from_slurm() -> None:
+    """Under SLURM without torchrun (e.g. hydra/launcher=submitit_slurm, one task per GPU): the first node of the job
+    is the rendezvous host and the port is derived from the job id, so every task computes the same address."""
+    import subprocess
+
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        hosts = [nodelist.split(",")[0].split("[")[0]]  # a single host, or a best effort without scontrol
+    os.environ["MASTER_ADDR"] = hosts[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
 def shutdown_distributed() -> None:
