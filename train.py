@@ -55,7 +55,7 @@ from models.ema import EMA
 log = logging.getLogger("sigmalab.train")
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_CONV_ARCHS = ("songunet", "adm")
+_CONV_ARCHS = ("songunet", "dhariwalunet")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,6 +196,7 @@ def describe(denoiser: torch.nn.Module, dataset: Any) -> str:
 
 
 def _flops_line(net: torch.nn.Module, dataset: Any, label_dim: int) -> str:
+    """'GFLOPs per forward' of one image, in DiT's convention (multiply-adds), measured with torch's FLOP counter."""
     try:
         from models.flops import count_flops
     except ImportError:
@@ -205,7 +206,8 @@ def _flops_line(net: torch.nn.Module, dataset: Any, label_dim: int) -> str:
                             label_dim=label_dim)
     except Exception as err:  # noqa: BLE001 - FLOP counting is informative only
         return f"GFLOPs per forward: unavailable ({err})"
-    return f"GFLOPs per forward: {flops / 1e9:.3f} (one image; a multiply-add counts as 2 FLOPs)"
+    return (f"GFLOPs per forward: {flops / 2e9:.3f} (multiply-adds per image, DiT's convention; "
+            f"{flops / 1e9:.3f} counting a multiply-add as 2)")
 
 
 def _setup_backends(cfg: DictConfig, device: torch.device) -> None:

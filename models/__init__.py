@@ -4,6 +4,9 @@ Every architecture follows one interface: constructor ``(img_resolution, in_chan
 augment_dim=0, **arch_kwargs)`` and ``forward(x, noise_labels, class_labels=None, augment_labels=None)`` returning a
 tensor shaped like ``x``. A model config holds ``name`` (the option's name), ``arch`` (a key of ``ARCHITECTURES``)
 and the architecture's keyword arguments.
+
+Architectures (``arch``): ``songunet`` (EDM's DDPM++ / NCSN++, ``models.song_unet``), ``dhariwalunet`` (EDM's ADM,
+``models.adm``), ``dit`` (Peebles & Xie's DiT, ``models.dit``). FLOP counting: ``models.flops``.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import Any
 
 from torch import nn
 
+from models.adm import DhariwalUNet
+from models.dit import DiT
 from models.song_unet import SongUNet
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"songunet": SongUNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"songunet": SongUNet, "dhariwalunet": DhariwalUNet, "dit": DiT}
 
 # Constructor arguments supplied by build_network itself (from the data), never by the model config.
 _DATA_ARGS = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim")
@@ -81,4 +86,4 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ARCHITECTURES", "SongUNet", "build_network", "count_parameters"]
+__all__ = ["ARCHITECTURES", "DhariwalUNet", "DiT", "SongUNet", "build_network", "count_parameters"]
