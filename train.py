@@ -46,10 +46,24 @@ from diffusion.schedules import build_schedule
 from diffusion.sigma_grids import build_sigma_grid, parse_infogrid
 from diffusion.weighting import build_weighting
 from models import count_parameters
-from models.checkpoint import (checkpoint_name, export_safetensors, latest_checkpoint, load_checkpoint,
-                               prune_checkpoints, resolve_checkpoint, save_checkpoint)
-from models.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
-                                init_distributed, shutdown_distributed)
+from models.checkpoint import (
+    checkpoint_name,
+    export_safetensors,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from models.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
 from models.ema import EMA
 
 log = logging.getLogger("sigmalab.train")
@@ -357,7 +371,7 @@ class Trainer:
     # --- one optimisation step ---------------------------------------------------------------------------------------
 
     def _train_step(self, batches) -> dict[str, Any]:
-        cfg, t, device = self.cfg, self.cfg.train, self.device
+        t, device = self.cfg.train, self.device
         lr = t.lr * (min(self.cur_nimg / (t.lr_rampup_kimg * 1000.0), 1.0) if t.lr_rampup_kimg > 0 else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -173,8 +173,8 @@ def main() -> None:
                 ddp["speed_vs_fp32_eager"] = ddp["img_per_s"] / base["img_per_s"]
             rows.append(ddp)
 
-    print(f"\n| model | precision | compile | procs | img/s | ms/step | peak MiB | speed vs fp32 eager | "
-          f"memory vs fp32 eager | GFLOPs fwd/img | MFU | DDP efficiency |")
+    print("\n| model | precision | compile | procs | img/s | ms/step | peak MiB | speed vs fp32 eager | "
+          "memory vs fp32 eager | GFLOPs fwd/img | MFU | DDP efficiency |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

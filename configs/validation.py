@@ -88,10 +88,12 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
     _require(isinstance(g, int) and g >= 0, "train.grid_seeds", f"must be an integer >= 0, got {g!r}")
     metrics = list(cfg.eval.get("metrics", []) or [])
     bad = [m for m in metrics if m not in VALID_METRICS]
-    _require(not bad, "eval.metrics", f"unknown metric(s) {', '.join(map(str, bad))}; valid: {', '.join(VALID_METRICS)}")
+    _require(not bad, "eval.metrics",
+             f"unknown metric(s) {', '.join(map(str, bad))}; valid: {', '.join(VALID_METRICS)}")
     _positive_number(cfg, "eval.every_kimg", allow_null=True)
     logger = cfg.logger
-    _require(logger.name in ("local", "wandb"), "logger", f"unknown logger {logger.name!r}; valid choices: local, wandb")
+    _require(logger.name in ("local", "wandb"), "logger",
+             f"unknown logger {logger.name!r}; valid choices: local, wandb")
     if logger.name == "wandb":
         _require(logger.mode in ("online", "offline", "disabled"), "logger.mode",
                  f"must be online, offline or disabled, got {logger.mode!r}")

@@ -38,7 +38,7 @@ class DenoisingLoss:
 
     def draw(self, batch: int, shape: tuple[int, ...], device: torch.device | str,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """σ ~ schedule and unit noise n ~ N(0, I) for ``batch`` samples of ``shape``, in that order from ``generator``."""
+        """σ ~ schedule, then unit noise n ~ N(0, I), for ``batch`` samples of ``shape``, drawn from ``generator``."""
         sigma = self.schedule.sample(batch, device=device, generator=generator)
         noise = torch.randn((batch, *shape), device=device, generator=generator)
         return sigma, noise

@@ -7,7 +7,6 @@ x 4 rounds x 8 and 1 process x 32 are the same computation, up to the order of f
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import train as train_module
