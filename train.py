@@ -266,7 +266,9 @@ class Trainer:
         self.total_nimg = int(round(t.total_kimg * 1000))
         self.schedule = build_schedule(cfg.schedule, weighting=self.weighting, img_resolution=self.dataset.resolution,
                                        sigma_data=cfg.precond.sigma_data, total_nimg=self.total_nimg,
-                                       batch_size=t.batch).to(self.device)
+                                       batch_size=t.batch,
+                                       num_dims=self.dataset.num_channels * self.dataset.resolution**2
+                                       ).to(self.device)
         self.weighting.attach_schedule(self.schedule)  # only the importance weighting uses the sampling density
         self.loss_fn = DenoisingLoss(self.schedule, self.weighting)
         # The sampler config is used only for sample grids and evaluation: check it now, not hours into the run.

@@ -97,6 +97,9 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
     if logger.name == "wandb":
         _require(logger.mode in ("online", "offline", "disabled"), "logger.mode",
                  f"must be online, offline or disabled, got {logger.mode!r}")
+    _require(not (cfg.schedule.name == "infonoise" and cfg.weighting.name == "importance"), "weighting",
+             "weighting=importance cannot be combined with schedule=infonoise: InfoNoise divides its density by the "
+             "loss weight, which would then depend on that density; use another weighting")
     resume = cfg.resume
     _require(resume is None or isinstance(resume, str), "resume",
              f"must be null, 'auto' or a path to a checkpoint / run directory, got {resume!r}")

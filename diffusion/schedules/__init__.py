@@ -27,9 +27,11 @@ from configs import build_from_registry
 from diffusion.schedules.base import NoiseSchedule
 from diffusion.schedules.cosine import Cosine, CosineScaled, CosineShifted
 from diffusion.schedules.discrete import DiscreteDDPM
+from diffusion.schedules.infonoise import InfoNoise
 from diffusion.schedules.lognormal import LogNormal
 from diffusion.schedules.logsnr import Cauchy, Laplace, UniformLogSNR
 from diffusion.schedules.rectified_flow import FlowMatchingOT, LogitNormal
+from diffusion.schedules.tabulated import TabulatedLogSigma
 from diffusion.schedules.vp_ve import VE, VP
 
 SCHEDULES: dict[str, type[NoiseSchedule]] = {
@@ -45,8 +47,7 @@ SCHEDULES: dict[str, type[NoiseSchedule]] = {
     "vp": VP,
     "ve": VE,
     "discrete_ddpm": DiscreteDDPM,
-
-    # 'infonoise' (adaptive, diffusion/schedules/infonoise.py) and 'tabulated' are registered here by their author.
+    "infonoise": InfoNoise,  # adaptive: learned online from the training losses (Raya et al. 2026)
 }
 
 
@@ -61,5 +62,6 @@ def build_schedule(schedule_cfg: Any, **context: Any) -> NoiseSchedule:
 
 __all__ = [
     "NoiseSchedule", "LogNormal", "LogitNormal", "FlowMatchingOT", "Cosine", "CosineShifted", "CosineScaled",
-    "Laplace", "Cauchy", "UniformLogSNR", "VP", "VE", "DiscreteDDPM", "SCHEDULES", "build_schedule",
+    "Laplace", "Cauchy", "UniformLogSNR", "VP", "VE", "DiscreteDDPM", "InfoNoise", "TabulatedLogSigma",
+    "SCHEDULES", "build_schedule",
 ]
