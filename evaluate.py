@@ -1,14 +1,22 @@
-"""Sample-quality metrics (FID, IS, KID, precision/recall) through torch-fidelity, and the ``evaluate.py`` CLI.
+"""Sample-quality metrics (FID, IS, KID, precision/recall) through torch-fidelity, likelihood, FID-vs-training curves,
+and the ``evaluate.py`` CLI.
 
     python evaluate.py samples=<samples.npz | folder of PNGs> [data=digits]
     python evaluate.py ckpt=<run dir | checkpoint file> [eval.num_samples=2000] [eval.baselines=true]
+    torchrun --standalone --nproc_per_node=8 evaluate.py ckpt=<run> eval=fid50k      # sampling split over the ranks
+    python evaluate.py ckpt=<run> eval.metrics=[nll]                                  # bits/dim on the held-out split
+    python evaluate.py run_dir=<run or sweep dir> eval.num_samples=10000              # FID vs kimg of every checkpoint
+    python evaluate.py ref=true data=cifar10 data.path=<dir> [out=cifar10-32x32.npz] # reference μ, Σ (EDM's format)
 
 Metric (Heusel et al. 2017; EDM's fid.py, see shared/papers/edm.md §5): features f of each image set are summarised by
 their mean mu and covariance Sigma (unbiased, N - 1), and
 
     FID = ||mu_1 - mu_2||^2 + tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2)).
 
-torch-fidelity computes it (tr of the square root via the eigenvalues of Sigma_1 Sigma_2). Which features:
+torch-fidelity computes it (tr of the square root via the eigenvalues of Sigma_1 Sigma_2); ``frechet_distance`` is
+our float64 implementation of the same formula, used with published reference statistics (below) and for features
+given directly (``fid_from_features``): tr (Sigma_1 Sigma_2)^(1/2) = tr (S Sigma_2 S)^(1/2) with S = Sigma_1^(1/2)
+(AB and BA share their eigenvalues), computed from two symmetric eigendecompositions. Which features:
 
 - ``inception-v3-compat``: torch-fidelity's port of the TF 2015 Inception-v3 (pool3, 2048-d) -- the standard FID
   for natural images (CIFAR-10, image folders); grayscale is repeated to 3 channels. Reported as ``fid_inception``.
@@ -29,6 +37,14 @@ same features as FID rather than VGG-16.
 Reference statistics are cached by torch-fidelity under ``<eval.cache_dir>/fidelity`` with a cache name holding the
 dataset identity (source, name, split, resolution, channels, binarize, split seed, path), the extractor and the
 digest of its weights file, and the number of reference images, so stale statistics cannot be reused by mistake.
+**Published reference statistics**: ``eval.reference_stats=<file.npz>`` uses the ``mu``/``sigma`` arrays of EDM's
+``fid-refs/cifar10-32x32.npz`` (and the other EDM refs) or of ADM's reference batches (``VIRTUAL_*.npz``, which also
+hold the images as ``arr_0``; a file with only ``arr_0`` gets its statistics computed here) directly for FID; KID and
+precision/recall need the reference features themselves and are refused with this option. Those files were made with
+the TF/StyleGAN3 Inception graph; torch-fidelity's ``inception-v3-compat`` is a port of the same 2015 weights made to
+reproduce its features, but equality of the FIDs to all digits was not checked here (no network). ``ref=true``
+writes such a file (keys ``mu``, ``sigma`` in float64, plus ``num_images`` and the extractor's name/id) from all
+(un-flipped) training images of ``data``.
 
 FID is biased upwards at small sample counts and is comparable only at equal counts: on the digits, the 269
 held-out images score 3.5 against the training split, the first 135 of them 11.1, the first 50 33.6.
@@ -37,6 +53,36 @@ held-out images score 3.5 against the training split, the first 135 of them 11.1
 training split (a model that generalises perfectly cannot do better, up to the bias of the smaller sample: compare
 it with the ``samples@<n>`` column, the same metric on the first n samples), and the **ceiling**, the metric of a
 freshly initialised (untrained) denoiser of the checkpoint's architecture sampled with the same sampler and seeds.
+
+**Seeds.** With ``ckpt=``, image i comes from seed ``eval.seed + i`` (per-image random streams, ``sample.py``), so
+the result does not depend on the batch size or on the number of ranks: under ``torchrun`` each rank generates a
+contiguous slice of the seeds and rank 0 gathers them and computes the metrics. ``eval.seed_repeats=R`` evaluates R
+disjoint seed ranges (seed + r·N .. seed + (r+1)·N − 1) and reports the one with the **minimum FID** as EDM does
+(``eval=fid50k``: seeds 0-49999, 50000-99999, 100000-149999), listing every value.
+
+**Likelihood** (``eval.metrics=[nll]``, ``diffusion/likelihood.py``): on ``eval.nll_num_images`` images of the
+``eval.nll_split`` split (default: held out), image i with seed ``eval.seed + i``. 8-bit data: the dequantised
+probability-flow-ODE NLL in bits/dim on the [0, 256) scale (``nll_ode_bpd``; adaptive RK45 or fixed-step Heun,
+Hutchinson trace with ``eval.nll_probes`` Rademacher/Gaussian probes); binarized data: the continuous-time
+variational bound (``nll_elbo_bpd``), an upper bound on the model's discrete NLL, from ``eval.nll_elbo_sigma_min``
+(default 0.2, where the rounding decoder is exact; see diffusion/likelihood.py §3). ``_sem`` keys are the standard
+errors of the mean over the images. σ range otherwise: the sampler's ``sigma_min``/``sigma_max``.
+
+**Curves** (``run_dir=``): every checkpoint of a run (a directory with ``checkpoints/``), or of every run below a
+sweep directory, is evaluated with the ``eval`` settings given on the command line (data and sampler: each run's
+own, unless overridden); one JSON line per checkpoint is appended to ``<run>/fid_curve.jsonl`` (checkpoints already
+evaluated with the same settings are skipped, so the command is resumable); ``<run_dir>/fid_curve.png`` (metric vs
+kimg, one line per run, log y) and ``<run_dir>/fid_curve.md`` (images-to-reach-target table) are written. The
+target is ``eval.target_fid``, else the baseline run's final value (InfoNoise's definition of the speed-up: images
+needed to reach the final quality of the baseline), else the largest of the runs' best values. The kimg at which a
+run reaches it is reported twice: at the first checkpoint at or below the target, and interpolated between that
+checkpoint and the one before (``eval.target_interpolation``: ``loglinear`` = log FID linear in kimg, ``linear``,
+or ``none``); the speed-up column is baseline kimg / run kimg of the interpolated value (``none``: of the
+checkpoint value), i.e. ">1: reaches the target with fewer training images than the baseline".
+
+**During training**: ``evaluate_during_training`` (called by train.py on rank 0 every ``eval.every_kimg``) samples
+``eval.num_samples_during_training`` images and returns ``{"kimg": ..., "eval/<metric>": ...}`` for
+metrics.jsonl / wandb, leaving the global RNG states untouched.
 """
 
 from __future__ import annotations
@@ -66,6 +112,23 @@ from models.digits_classifier import file_digest, load_or_train_digits_classifie
 
 __all__ = [
     "VALID_METRICS",
+    "SAMPLE_METRICS",
+    "feature_statistics",
+    "frechet_distance",
+    "fid_from_features",
+    "extract_features",
+    "compute_reference_statistics",
+    "save_reference_statistics",
+    "load_reference_statistics",
+    "generate_for_eval",
+    "likelihood_metrics",
+    "evaluate_during_training",
+    "find_runs",
+    "read_curve",
+    "kimg_to_reach",
+    "target_table",
+    "plot_curves",
+    "run_curves",
     "VALID_EXTRACTORS",
     "INCEPTION_EXTRACTOR",
     "INCEPTION_WEIGHTS_URL",
@@ -79,7 +142,10 @@ __all__ = [
     "format_table",
 ]
 
-VALID_METRICS = ("fid", "isc", "kid", "prc")
+SAMPLE_METRICS = ("fid", "isc", "kid", "prc")
+VALID_METRICS = (*SAMPLE_METRICS, "nll")
+TARGET_INTERPOLATIONS = ("loglinear", "linear", "none")
+CURVE_FILE = "fid_curve.jsonl"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 VALID_EXTRACTORS = ("auto", DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR)
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
@@ -101,7 +167,25 @@ DEFAULT_EVAL = {
     "baselines": False,
     "cache_dir": None,  # None: $SIGMALAB_CACHE, else ~/.cache/sigmalab (read at call time)
     "every_kimg": None,
+    "num_samples_during_training": 1000,
     "seed": 0,
+    "seed_repeats": 1,
+    "reference_stats": None,
+    "save_samples": False,
+    "curve_metric": None,
+    "target_fid": None,
+    "target_interpolation": "loglinear",
+    "baseline_run": None,
+    "nll_method": "auto",
+    "nll_split": "test",
+    "nll_num_images": 1000,
+    "nll_solver": "rk45",
+    "nll_tolerance": 1e-5,
+    "nll_steps": 128,
+    "nll_probes": 1,
+    "nll_probe": "rademacher",
+    "nll_batch": None,
+    "nll_elbo_sigma_min": 0.2,
 }
 # torch-fidelity result key -> our key template ({tag} = extractor tag).
 _KEY_MAP = {
@@ -259,6 +343,83 @@ def _image_set_shape(images: Any, what: str) -> tuple[int, tuple[int, int, int]]
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Fréchet distance from features / statistics
+# ------------------------------------------------------------------------------------------------------------------
+def feature_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, Sigma) of features [N, F] in float64: the mean and the unbiased covariance (ffᵀ − N·mu·muᵀ)/(N − 1)."""
+    f = features.detach().cpu().double().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, F], got shape {f.shape}")
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (f.shape[0] - 1)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 − mu2||² + tr(Sigma1 + Sigma2 − 2 (Sigma1 Sigma2)^(1/2)) in float64 (module docstring)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    f = mu1.shape[0]
+    if mu1.shape != (f,) or mu2.shape != (f,) or sigma1.shape != (f, f) or sigma2.shape != (f, f):
+        raise ValueError(f"Fréchet distance needs mu [F] and sigma [F, F] of equal F, got {mu1.shape}, "
+                         f"{sigma1.shape}, {mu2.shape}, {sigma2.shape}")
+    root = _psd_sqrt(sigma1)
+    inner = root @ sigma2 @ root
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def fid_from_features(features1: Tensor | np.ndarray, features2: Tensor | np.ndarray) -> float:
+    """FID between two feature sets [N1, F], [N2, F] (whatever network produced them)."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def save_reference_statistics(path: str | os.PathLike, stats: Mapping[str, Any]) -> Path:
+    """Write EDM's reference format (``mu``, ``sigma``; float64) plus ``num_images``, ``feature_extractor``,
+    ``extractor_id`` (ignored by EDM's and ADM's loaders), atomically."""
+    path = Path(os.path.expanduser(str(path)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=np.asarray(stats["mu"], np.float64), sigma=np.asarray(stats["sigma"], np.float64),
+             num_images=np.int64(stats.get("num_images", -1)),
+             feature_extractor=np.str_(stats.get("feature_extractor", "")),
+             extractor_id=np.str_(stats.get("extractor_id", "")))
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference_statistics(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"mu", "sigma", ...}`` from an EDM/ADM/sigmalab reference ``.npz``; ``{"images": uint8 NHWC}`` when the file
+    holds only ADM's reference images (``arr_0``), whose statistics the caller then computes."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise FileNotFoundError(f"eval.reference_stats={p} does not exist (expected an .npz with mu and sigma, e.g. "
+                                "EDM's https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz)")
+    with np.load(p, allow_pickle=False) as npz:
+        files = set(npz.files)
+        if {"mu", "sigma"} <= files:
+            mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
+            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise ValueError(f"{p}: mu must be [F] and sigma [F, F], got {mu.shape} and {sigma.shape}")
+            out: dict[str, Any] = {"mu": mu, "sigma": sigma, "path": str(p)}
+            for key in ("num_images", "feature_extractor", "extractor_id"):
+                if key in files:
+                    out[key] = npz[key].item()
+            return out
+        if "arr_0" in files:
+            return {"images": np.asarray(npz["arr_0"]), "path": str(p)}
+    raise ValueError(f"{p} has neither mu/sigma (EDM / ADM reference statistics) nor arr_0 (ADM reference images); "
+                     f"found: {', '.join(sorted(files)) or 'nothing'}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Metrics
 # ------------------------------------------------------------------------------------------------------------------
 def _inception_hub_file() -> str:
@@ -288,6 +449,99 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
             socket.setdefaulttimeout(None)
 
 
+def _extractor_weights(extractor: str, settings: Mapping[str, Any], data_cfg: Any,
+                       classifier_path: str | None) -> tuple[str | None, str]:
+    """(weights file for torch-fidelity, an id naming the extractor and its weights for cache names)."""
+    if extractor == DIGITS_EXTRACTOR:
+        if classifier_path is None:
+            if data_cfg is None:
+                raise ValueError(
+                    f"the {DIGITS_EXTRACTOR} feature extractor needs data_cfg (to train or load the classifier of "
+                    "that dataset) or classifier_path"
+                )
+            cache_dir = os.path.expanduser(str(settings["cache_dir"]))
+            classifier_path, _ = load_or_train_digits_classifier(data_cfg, cache_dir)
+        return str(classifier_path), f"{DIGITS_EXTRACTOR}-{_weights_digest(str(classifier_path))}"
+    weights_path = settings.get("feature_extractor_weights_path")
+    if weights_path is not None:
+        weights_path = os.path.expanduser(str(weights_path))
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(
+                f"eval.feature_extractor_weights_path={weights_path} does not exist; it should be the file "
+                f"{os.path.basename(INCEPTION_WEIGHTS_URL)} from {INCEPTION_WEIGHTS_URL}"
+            )
+        return weights_path, f"inception-{_weights_digest(weights_path)}"
+    return None, "inception-" + os.path.basename(INCEPTION_WEIGHTS_URL).split("-")[-1].split(".")[0]
+
+
+@contextlib.contextmanager
+def _inception_download_guard(extractor: str, weights_path: str | None) -> Iterator[None]:
+    """A socket timeout while torch hub may download the Inception weights, and a clear error if it cannot."""
+    missing = extractor == INCEPTION_EXTRACTOR and weights_path is None and not os.path.isfile(_inception_hub_file())
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S) if missing else contextlib.nullcontext():
+            yield
+    except (URLError, OSError, RuntimeError) as err:
+        if missing and not os.path.isfile(_inception_hub_file()):
+            raise InceptionWeightsUnavailableError(_inception_unavailable_message(err)) from err
+        raise
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def extract_features(
+    images: Any, *, feature_extractor: str = "auto", eval_cfg: Any = None, data_cfg: Any = None,
+    classifier_path: str | None = None, device: str | torch.device | None = None, layer: str | None = None,
+) -> Tensor:
+    """Features [N, F] (float32, CPU) of uint8 images [N, C, H, W] (or an ImageDataset) from the FID layer of the
+    extractor (``layer`` picks another one, e.g. the logits), computed by torch-fidelity's extractor."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    settings = _eval_settings(eval_cfg)
+    n, (channels, _, _) = _image_set_shape(images, "images")
+    dataset_name = _plain(data_cfg).get("name") if data_cfg is not None else getattr(images, "name", None)
+    extractor = resolve_feature_extractor(feature_extractor, data_cfg, dataset_name)
+    if extractor == INCEPTION_EXTRACTOR and channels not in (1, 3):
+        raise ValueError(f"Inception features need 1- or 3-channel images, got {channels} channels")
+    weights_path, _ = _extractor_weights(extractor, settings, data_cfg, classifier_path)
+    layer = layer or FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    device = _resolve_device(device)
+    with _inception_download_guard(extractor, weights_path):
+        model = create_feature_extractor(extractor, [layer], cuda=device.type == "cuda",
+                                         feature_extractor_weights_path=weights_path, verbose=False)
+    feats = get_featuresdict_from_dataset(_UInt8Images(images, extractor == INCEPTION_EXTRACTOR), model,
+                                          int(settings["batch"]), device.type == "cuda", True, False)
+    return feats[layer].float().cpu()
+
+
+def compute_reference_statistics(
+    reference: Any, *, feature_extractor: str = "auto", eval_cfg: Any = None, data_cfg: Any = None,
+    classifier_path: str | None = None, device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """``{"mu", "sigma", "num_images", "feature_extractor", "extractor_id"}`` of a reference image set (EDM's
+    ``fid.py ref``: every image, float64 statistics)."""
+    settings = _eval_settings(eval_cfg)
+    dataset_name = _plain(data_cfg).get("name") if data_cfg is not None else getattr(reference, "name", None)
+    extractor = resolve_feature_extractor(feature_extractor, data_cfg, dataset_name)
+    _, extractor_id = _extractor_weights(extractor, settings, data_cfg, classifier_path)
+    feats = extract_features(reference, feature_extractor=extractor, eval_cfg=settings, data_cfg=data_cfg,
+                             classifier_path=classifier_path, device=device)
+    mu, sigma = feature_statistics(feats)
+    return {"mu": mu, "sigma": sigma, "num_images": int(feats.shape[0]), "feature_extractor": extractor,
+            "extractor_id": extractor_id}
+
+
+def _check_sample_metrics(metrics: Sequence[str]) -> list[str]:
+    metrics = _check_metrics(metrics)
+    if "nll" in metrics:
+        raise ValueError("nll is a property of the model, not of an image set: compute it with ckpt=<run> "
+                         "eval.metrics=[nll] (evaluate_denoiser / likelihood_metrics), not from images")
+    return metrics
+
+
 def compute_metrics(
     generated: Tensor,
     reference: Any,
@@ -299,6 +553,7 @@ def compute_metrics(
     data_cfg: Any = None,
     classifier_path: str | None = None,
     device: str | torch.device | None = None,
+    reference_stats: Mapping[str, Any] | str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Metrics of ``generated`` (uint8 [N, C, H, W]) against ``reference`` (ImageDataset or uint8 tensor).
 
@@ -309,26 +564,41 @@ def compute_metrics(
         reference_cache_name: identity of the reference set (e.g. ``reference_identity(data_cfg, "train")``); when
             given, its statistics are cached under ``<eval.cache_dir>/fidelity`` with the extractor, its weights'
             digest and the reference size appended. None: nothing is cached.
-        eval_cfg: the ``eval`` config group (``cache_dir``, ``batch``, ``seed``, ``feature_extractor_weights_path``);
-            None uses ``DEFAULT_EVAL``. ``feature_extractor_weights_path`` applies to Inception only.
+        eval_cfg: the ``eval`` config group (``cache_dir``, ``batch``, ``seed``, ``feature_extractor_weights_path``,
+            ``reference_stats``); None uses ``DEFAULT_EVAL``. ``feature_extractor_weights_path`` applies to Inception.
         data_cfg: the data config; needed by the digits classifier (trained on its training split, cached) unless
             ``classifier_path`` names a classifier file.
         device: where features are computed (default: CUDA when available).
+        reference_stats: published reference statistics (a path, or ``{"mu", "sigma"}``; default
+            ``eval.reference_stats``): FID against them instead of ``reference`` (which may then be None); IS needs
+            no reference; KID and precision/recall are refused (they need reference features).
 
     Returns:
         ``{"fid_<tag>": ..., "isc_<tag>_mean": ..., ...}`` with tag ``digits_classifier`` or ``inception``.
     """
     settings = _eval_settings(eval_cfg)
-    metrics = _check_metrics(metrics)
+    metrics = _check_sample_metrics(metrics)
+    if reference_stats is None:
+        reference_stats = settings.get("reference_stats")
     n_gen, gen_shape = _image_set_shape(generated, "generated images")
-    n_ref, ref_shape = _image_set_shape(reference, "reference images")
+    if reference_stats is not None:
+        needs_features = [m for m in metrics if m in ("kid", "prc")]
+        if needs_features:
+            raise ValueError(f"eval.reference_stats holds only the reference mu and Sigma; {', '.join(needs_features)} "
+                             "need(s) the reference features: drop eval.reference_stats, or use eval.metrics=[fid] / "
+                             "[fid,isc]")
+        n_ref, ref_shape = 0, gen_shape
+    else:
+        if reference is None:
+            raise ValueError("compute_metrics needs reference images or reference_stats (eval.reference_stats)")
+        n_ref, ref_shape = _image_set_shape(reference, "reference images")
     if gen_shape != ref_shape:
         raise ValueError(
             f"generated images have shape (C, H, W) = {gen_shape} but the reference images have {ref_shape}: "
             "channels and resolution must match (wrong data config for these samples?)"
         )
     binary_metrics = [m for m in metrics if m != "isc"]
-    if n_gen < 2 or (binary_metrics and n_ref < 2):
+    if n_gen < 2 or (binary_metrics and reference_stats is None and n_ref < 2):
         raise ValueError(f"need at least 2 images per set, got {n_gen} generated and {n_ref} reference")
     if "isc" in metrics and n_gen < 10:
         raise ValueError(f"isc splits the generated images into 10 parts and needs >= 10 of them, got {n_gen}")
@@ -336,38 +606,31 @@ def compute_metrics(
     dataset_name = _plain(data_cfg).get("name") if data_cfg is not None else getattr(reference, "name", None)
     extractor = resolve_feature_extractor(feature_extractor, data_cfg, dataset_name)
     cache_dir = os.path.expanduser(str(settings["cache_dir"]))
+    weights_path, extractor_id = _extractor_weights(extractor, settings, data_cfg, classifier_path)
+    if extractor == INCEPTION_EXTRACTOR and gen_shape[0] not in (1, 3):
+        raise ValueError(f"Inception features need 1- or 3-channel images, got {gen_shape[0]} channels")
+    tag = EXTRACTOR_TAGS[extractor]
+    out: dict[str, float] = {}
+    if reference_stats is not None:
+        stats = reference_stats
+        if not isinstance(stats, Mapping):
+            stats = load_reference_statistics(stats)
+        stats = _usable_reference_stats(stats, extractor, extractor_id, settings, data_cfg, classifier_path, device)
+        metrics = [m for m in metrics if m != "fid"] if "fid" in metrics else metrics
+        gen_feats = extract_features(generated, feature_extractor=extractor, eval_cfg=settings, data_cfg=data_cfg,
+                                     classifier_path=classifier_path, device=device)
+        mu, sigma = feature_statistics(gen_feats)
+        if mu.shape != stats["mu"].shape:
+            raise ValueError(f"eval.reference_stats has {stats['mu'].shape[0]}-d statistics but the {extractor} "
+                             f"features are {mu.shape[0]}-d: the file was made with another feature extractor")
+        out[f"fid_{tag}"] = frechet_distance(mu, sigma, stats["mu"], stats["sigma"])
+        binary_metrics = []
+        if not metrics:
+            return out
 
-    if extractor == DIGITS_EXTRACTOR:
-        if classifier_path is None:
-            if data_cfg is None:
-                raise ValueError(
-                    f"the {DIGITS_EXTRACTOR} feature extractor needs data_cfg (to train or load the classifier of "
-                    "that dataset) or classifier_path"
-                )
-            classifier_path, _ = load_or_train_digits_classifier(data_cfg, cache_dir)
-        weights_path: str | None = str(classifier_path)
-        extractor_id = f"{DIGITS_EXTRACTOR}-{_weights_digest(weights_path)}"
-    else:
-        weights_path = settings.get("feature_extractor_weights_path")
-        if weights_path is not None:
-            weights_path = os.path.expanduser(str(weights_path))
-            if not os.path.isfile(weights_path):
-                raise FileNotFoundError(
-                    f"eval.feature_extractor_weights_path={weights_path} does not exist; it should be the file "
-                    f"{os.path.basename(INCEPTION_WEIGHTS_URL)} from {INCEPTION_WEIGHTS_URL}"
-                )
-            extractor_id = f"inception-{_weights_digest(weights_path)}"
-        else:
-            extractor_id = "inception-" + os.path.basename(INCEPTION_WEIGHTS_URL).split("-")[-1].split(".")[0]
-        if gen_shape[0] not in (1, 3):
-            raise ValueError(f"Inception features need 1- or 3-channel images, got {gen_shape[0]} channels")
-
-    to_rgb = extractor == INCEPTION_EXTRACTOR
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _resolve_device(device)
     kwargs: dict[str, Any] = {
-        "input1": _UInt8Images(generated, to_rgb),
+        "input1": _UInt8Images(generated, extractor == INCEPTION_EXTRACTOR),
         "feature_extractor": extractor,
         "feature_extractor_weights_path": weights_path,
         "cuda": device.type == "cuda",
@@ -381,30 +644,35 @@ def compute_metrics(
     for m in metrics:
         kwargs[m] = True
     if binary_metrics:
-        kwargs["input2"] = _UInt8Images(reference, to_rgb)
+        kwargs["input2"] = _UInt8Images(reference, extractor == INCEPTION_EXTRACTOR)
         if reference_cache_name is not None:
             kwargs["input2_cache_name"] = _safe_name(f"{reference_cache_name}-{extractor_id}-n{n_ref}")
     if "kid" in metrics:
         kwargs["kid_subset_size"] = min(1000, n_gen, n_ref)
-
-    weights_missing = (
-        extractor == INCEPTION_EXTRACTOR and weights_path is None and not os.path.isfile(_inception_hub_file())
-    )
-    try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S) if weights_missing else contextlib.nullcontext():
-            raw = torch_fidelity.calculate_metrics(**kwargs)
-    except (URLError, OSError, RuntimeError) as err:
-        if weights_missing and not os.path.isfile(_inception_hub_file()):
-            raise InceptionWeightsUnavailableError(_inception_unavailable_message(err)) from err
-        raise
-
-    tag = EXTRACTOR_TAGS[extractor]
-    out = {}
+    with _inception_download_guard(extractor, weights_path):
+        raw = torch_fidelity.calculate_metrics(**kwargs)
     for key, value in raw.items():
         template = _KEY_MAP.get(key, key + "_{tag}")
         out[template.format(tag=tag)] = float(value)
     return out
 
+
+def _usable_reference_stats(stats: Mapping[str, Any], extractor: str, extractor_id: str, settings: Mapping[str, Any],
+                            data_cfg: Any, classifier_path: str | None, device: Any) -> Mapping[str, Any]:
+    """Check a loaded reference file against the extractor; compute mu/Sigma of an images-only (ADM) file."""
+    if "images" in stats:
+        images = _to_nchw(np.asarray(stats["images"]), None, str(stats.get("path", "reference images")))
+        return compute_reference_statistics(images, feature_extractor=extractor, eval_cfg=settings,
+                                            data_cfg=data_cfg, classifier_path=classifier_path, device=device)
+    recorded = stats.get("feature_extractor")
+    if recorded and recorded != extractor:
+        raise ValueError(f"eval.reference_stats {stats.get('path', '')} was computed with {recorded} features, but "
+                         f"this evaluation uses {extractor}")
+    recorded_id = stats.get("extractor_id")
+    if recorded_id and recorded_id != extractor_id:
+        raise ValueError(f"eval.reference_stats {stats.get('path', '')} was computed with {recorded_id} weights, but "
+                         f"this evaluation uses {extractor_id}: recompute it with ref=true")
+    return stats
 
 # ------------------------------------------------------------------------------------------------------------------
 # Loading samples
@@ -477,50 +745,672 @@ def load_samples(path: str | os.PathLike, expected_chw: tuple[int, int, int] | N
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Sampling + metrics (used by the CLI, and by train.py for eval.every_kimg)
+# Sampling (optionally split over ranks) and likelihood
 # ------------------------------------------------------------------------------------------------------------------
+def _rank_slice(n: int, rank: int, world: int) -> range:
+    """Contiguous part ``rank`` of ``world`` of range(n) (sizes differ by at most one; in rank order they tile n)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def _split(distributed: bool) -> tuple[bool, int, int]:
+    from models.distributed import get_rank, get_world_size, is_distributed
+
+    on = bool(distributed) and is_distributed()
+    return on, (get_rank() if on else 0), (get_world_size() if on else 1)
+
+
+def _gather_rows(part: Tensor, distributed: bool) -> Tensor:
+    """Concatenate every rank's rows in rank order (on every rank); identity without a process group."""
+    if not distributed:
+        return part
+    from models.distributed import all_gather_object
+
+    parts = [p for p in all_gather_object(part.cpu()) if p.numel()]
+    return torch.cat(parts) if parts else part
+
+
 def generate_for_eval(
     denoiser: torch.nn.Module, data_cfg: Any, eval_cfg: Any, sampler_cfg: Any, *, device: str | torch.device,
-    num_samples: int | None = None, progress: bool = False,
+    num_samples: int | None = None, progress: bool = False, first_seed: int | None = None, distributed: bool = False,
 ) -> Tensor:
-    """``eval.num_samples`` uint8 images from seeds ``eval.seed .. eval.seed + N - 1`` (labels drawn per seed)."""
-    from sample import generate_images
+    """``eval.num_samples`` uint8 images from seeds ``first_seed .. first_seed + N - 1`` (default first seed
+    ``eval.seed``; labels drawn per seed). ``distributed``: under torchrun each rank generates a contiguous slice of
+    the seeds and every rank returns all N images (gathered in seed order); identical to one process."""
+    import sample
 
     settings = _eval_settings(eval_cfg)
     n = int(num_samples if num_samples is not None else settings["num_samples"])
     if n < 2:
         raise ValueError(f"eval.num_samples must be >= 2, got {n}")
-    seeds = list(range(int(settings["seed"]), int(settings["seed"]) + n))
+    first = int(settings["seed"] if first_seed is None else first_seed)
+    on, rank, world = _split(distributed)
+    mine = [first + i for i in _rank_slice(n, rank, world)]
     binary = bool(_plain(data_cfg).get("binarize", False))
-    return generate_images(denoiser, seeds, sampler_cfg=sampler_cfg, batch_size=int(settings["batch"]), device=device,
-                           binary=binary, progress=progress)
+    extra: dict[str, Any] = {}
+    if getattr(denoiser, "latent_info", None):  # a latent-space model: decode its samples to RGB with its VAE
+        codec_for = getattr(sample, "latent_codec_for", None)
+        if codec_for is None:
+            raise ValueError("this checkpoint generates VAE latents but sample.py has no latent_codec_for to decode "
+                             "them")
+        extra["latent_codec"] = codec_for(denoiser, device)
+    images = torch.empty(0, dtype=torch.uint8)
+    if mine:
+        images = sample.generate_images(denoiser, mine, sampler_cfg=sampler_cfg, batch_size=int(settings["batch"]),
+                                        device=device, binary=binary, progress=progress and rank == 0, **extra)
+    return _gather_rows(images, on)
+
+
+NLL_MEASURES = {
+    "ode": "dequantised probability-flow-ODE NLL, bits/dim on the [0, 256) pixel scale (upper bound on the 8-bit NLL)",
+    "elbo": "continuous-time variational bound (negative ELBO), bits/dim (upper bound on the binary data's NLL)",
+}
+
+
+def likelihood_metrics(
+    denoiser: torch.nn.Module, data_cfg: Any, eval_cfg: Any, sampler_cfg: Any, *, device: str | torch.device,
+    dataset: Any = None, distributed: bool = False,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(``{"nll_<method>_bpd": mean, "nll_<method>_bpd_sem": standard error}``, details) on ``eval.nll_num_images``
+    images of the ``eval.nll_split`` split (image i: seed ``eval.seed + i``); under torchrun the images are split
+    over the ranks and every rank returns the same numbers."""
+    from data import build_dataset
+    from diffusion.likelihood import NLL_METHODS, nll_bits_per_dim
+
+    settings = _eval_settings(eval_cfg)
+    split = str(settings["nll_split"])
+    if dataset is None:
+        try:
+            dataset = build_dataset(data_cfg, split=split)
+        except (FileNotFoundError, NotImplementedError) as err:
+            raise ValueError(f"eval.nll_split={split}: {err} (eval.nll_split=train evaluates on training images)") \
+                from err
+    if getattr(dataset, "latent", False):
+        raise ValueError(f"eval.metrics=[nll] needs pixel data; data '{dataset.name}' holds VAE latents, whose "
+                         "density is not a likelihood of images")
+    method = str(settings["nll_method"])
+    if method == "auto":
+        method = "elbo" if getattr(dataset, "binary", False) else "ode"
+    if method not in NLL_METHODS:
+        raise ValueError(f"unknown eval.nll_method {method!r}; valid: auto, {', '.join(NLL_METHODS)}")
+    images = dataset.all_images()
+    limit = settings["nll_num_images"]
+    n = len(images) if limit is None else min(int(limit), len(images))
+    if n < 1:
+        raise ValueError(f"eval.nll_num_images must be >= 1, got {limit}")
+    images = images[:n]
+    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+    onehot = None
+    if label_dim:
+        labels = dataset.all_labels()[:n]
+        if bool((labels < 0).any()):
+            raise ValueError(f"the model is class-conditional but data '{dataset.name}' has no labels")
+        onehot = torch.nn.functional.one_hot(labels, label_dim).float()
+    sampler = _plain(sampler_cfg)
+    sigma_min, sigma_max = float(sampler.get("sigma_min", 0.002)), float(sampler.get("sigma_max", 80.0))
+    if method == "elbo" and settings.get("nll_elbo_sigma_min") is not None:
+        sigma_min = float(settings["nll_elbo_sigma_min"])
+    first = int(settings["seed"])
+    on, rank, world = _split(distributed)
+    mine = _rank_slice(n, rank, world)
+    info: dict[str, Any] = {}
+    part = torch.empty(0, dtype=torch.float64)
+    if len(mine):
+        sl = slice(mine.start, mine.stop)
+        part = nll_bits_per_dim(
+            denoiser, images[sl], seeds=[first + i for i in mine], method=method, sigma_min=sigma_min,
+            sigma_max=sigma_max, solver=str(settings["nll_solver"]), tolerance=float(settings["nll_tolerance"]),
+            num_steps=int(settings["nll_steps"]), num_probes=int(settings["nll_probes"]),
+            probe=str(settings["nll_probe"]), class_labels=None if onehot is None else onehot[sl],
+            batch_size=int(settings["nll_batch"] or settings["batch"]), device=device, info=info)
+    bpd = _gather_rows(part, on)
+    nfe_parts = [(info.get("nfe", 0.0), len(mine), info.get("terms_bpd"))]
+    if on:
+        from models.distributed import all_gather_object
+
+        nfe_parts = all_gather_object(nfe_parts[0])
+    count = max(sum(b for _, b, _ in nfe_parts), 1)
+    nfe = sum(a * b for a, b, _ in nfe_parts) / count
+    key = f"nll_{method}_bpd"
+    metrics = {key: float(bpd.mean())}
+    if n > 1:
+        metrics[key + "_sem"] = float(bpd.std() / math.sqrt(n))
+    details = {
+        "method": method, "measure": NLL_MEASURES[method], "split": split, "num_images": n,
+        "seeds": [first, first + n - 1], "sigma_min": sigma_min, "sigma_max": sigma_max,
+        "nfe_per_image": round(float(nfe), 2),
+    }
+    if method == "ode":
+        details.update(solver=settings["nll_solver"], probes=int(settings["nll_probes"]), probe=settings["nll_probe"])
+        details["tolerance" if settings["nll_solver"] == "rk45" else "steps"] = (
+            float(settings["nll_tolerance"]) if settings["nll_solver"] == "rk45" else int(settings["nll_steps"]))
+    else:
+        details["strata"] = int(settings["nll_steps"])
+        details["terms_bpd"] = {term: sum(t[term] * b for _, b, t in nfe_parts if t) / count
+                                for term in ("diffusion", "reconstruction", "prior")}
+    return metrics, details
+
+
+def _format_likelihood(metrics: Mapping[str, float], details: Mapping[str, Any]) -> str:
+    key = f"nll_{details['method']}_bpd"
+    sem = metrics.get(key + "_sem")
+    value = f"{metrics[key]:.4f}" + (f" ± {sem:.4f}" if sem is not None else "")
+    solver = (f", {details['solver']} " + (f"tol {details['tolerance']:g}" if "tolerance" in details
+                                           else f"{details['steps']} steps")
+              + f", {details['probes']} {details['probe']} probe(s)") if details["method"] == "ode" else (
+        f", σ from {details['sigma_min']:g}, {details['strata']} strata; bits/dim: diffusion "
+        f"{details['terms_bpd']['diffusion']:.4f} + decoder {details['terms_bpd']['reconstruction']:.2g} + prior "
+        f"{details['terms_bpd']['prior']:.2g}")
+    return (f"likelihood: {key} = {value} bits/dim ({details['measure']}; {details['num_images']} "
+            f"{details['split']} images{solver}, {details['nfe_per_image']:g} NFE/image)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One model's evaluation (CLI ckpt=, curves, training hook)
+# ------------------------------------------------------------------------------------------------------------------
+def _primary_key(values: Mapping[str, float]) -> tuple[str | None, bool]:
+    """The metric that ranks seed repeats / is plotted by default, and whether lower is better."""
+    for prefix, suffix, lower in (("fid_", "", True), ("kid_", "_mean", True), ("isc_", "_mean", False),
+                                  ("nll_", "_bpd", True)):
+        for k in values:
+            if k.startswith(prefix) and k.endswith(suffix):
+                return k, lower
+    return (next(iter(values), None), True)
+
+
+def _floor_columns(images: Tensor, data_cfg: Any, common: Mapping[str, Any], get_reference: Any,
+                   notes: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """The floor (held-out split vs training split) and the same metric on as many samples."""
+    from data import build_dataset
+
+    columns: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    try:
+        heldout = build_dataset(data_cfg, split="test")
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        notes.append(f"floor: not available ({err})")
+        return columns, counts
+    held_images = heldout.all_images()
+    n_held = len(held_images)
+    if n_held < len(images):
+        key = f"samples@{n_held}"
+        columns[key] = compute_metrics(images[:n_held], get_reference(), **common)
+        counts[key] = n_held
+    columns["floor"] = compute_metrics(held_images, get_reference(), **common)
+    counts["floor"] = n_held
+    return columns, counts
+
+
+def _evaluate_model(
+    denoiser: torch.nn.Module, data_cfg: Any, sampler_cfg: Any, settings: Mapping[str, Any], *,
+    device: str | torch.device, get_reference: Any, distributed: bool = False, progress: bool = False,
+    run_cfg: Any = None, num_samples: int | None = None,
+) -> dict[str, Any] | None:
+    """Sample (every seed repeat), compute ``eval.metrics`` and, with ``eval.baselines``, floor and ceiling.
+
+    All ranks must call it (sampling and NLL are split over them); rank 0 gets the result, the others None.
+    ``get_reference()`` returns the training split (or None with ``eval.reference_stats``); ``run_cfg`` (the run's
+    config) is needed for the ceiling.
+    """
+    metrics = _check_metrics(settings["metrics"])
+    sample_metrics = [m for m in metrics if m != "nll"]
+    on, rank, _ = _split(distributed)
+    main = rank == 0
+    n = int(num_samples if num_samples is not None else settings["num_samples"])
+    repeats_n = int(settings["seed_repeats"])
+    if repeats_n < 1:
+        raise ValueError(f"eval.seed_repeats must be >= 1, got {repeats_n}")
+    seed = int(settings["seed"])
+    extractor = resolve_feature_extractor(settings["feature_extractor"], data_cfg) if sample_metrics else None
+    common = dict(metrics=sample_metrics, feature_extractor=extractor,
+                  reference_cache_name=reference_identity(data_cfg, "train"), eval_cfg=settings, data_cfg=data_cfg,
+                  device=device)
+    repeats: list[dict[str, Any]] = []
+    first_images = None
+    for r in range(repeats_n if sample_metrics else 0):
+        first = seed + r * n
+        if main and progress:
+            sampler = _plain(sampler_cfg)
+            print(f"generating {n} samples (seeds {first}-{first + n - 1}) with sampler={sampler.get('name')} "
+                  f"num_steps={sampler.get('num_steps')} on {device}", flush=True)
+        images = generate_for_eval(denoiser, data_cfg, settings, sampler_cfg, device=device, num_samples=n,
+                                   first_seed=first, distributed=on, progress=progress)
+        if main:
+            repeats.append({"seeds": [first, first + len(images) - 1], "num_images": len(images),
+                            "metrics": compute_metrics(images, get_reference(), **common)})
+            if r == 0:
+                first_images = images
+    nll_metrics: dict[str, float] = {}
+    nll_details = None
+    if "nll" in metrics:
+        nll_metrics, nll_details = likelihood_metrics(denoiser, data_cfg, settings, sampler_cfg, device=device,
+                                                      distributed=on)
+    ceiling = None
+    if settings["baselines"] and sample_metrics and run_cfg is not None:
+        from diffusion.preconditioning import build_denoiser
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = build_denoiser(run_cfg, denoiser.img_resolution, denoiser.img_channels,
+                                   label_dim=int(getattr(denoiser, "label_dim", 0)),
+                                   augment_dim=int(getattr(denoiser, "augment_dim", 0)))
+        fresh = fresh.eval().requires_grad_(False).to(device)
+        untrained = generate_for_eval(fresh, data_cfg, settings, sampler_cfg, device=device, num_samples=n,
+                                      first_seed=seed, distributed=on)
+        if main:
+            ceiling = (compute_metrics(untrained, get_reference(), **common), len(untrained))
+    if not main:
+        return None
+
+    columns: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    notes: list[str] = []
+    best = 0
+    if repeats:
+        key, lower = _primary_key(repeats[0]["metrics"])
+        values = [rep["metrics"][key] for rep in repeats]
+        best = int(np.argmin(values) if lower else np.argmax(values))
+        if len(repeats) == 1:
+            columns["samples"], counts["samples"] = repeats[0]["metrics"], repeats[0]["num_images"]
+        else:
+            for rep in repeats:
+                name = f"seeds {rep['seeds'][0]}-{rep['seeds'][1]}"
+                columns[name], counts[name] = rep["metrics"], rep["num_images"]
+            name = f"{'min' if lower else 'max'} of {len(repeats)}"
+            columns[name], counts[name] = repeats[best]["metrics"], repeats[best]["num_images"]
+            notes.append(f"reported: the {'minimum' if lower else 'maximum'} {key} over {len(repeats)} seed ranges "
+                         f"(EDM's protocol): seeds {repeats[best]['seeds'][0]}-{repeats[best]['seeds'][1]}")
+        if settings["baselines"]:
+            floor_cols, floor_counts = _floor_columns(first_images, data_cfg, common, get_reference, notes)
+            columns.update(floor_cols)
+            counts.update(floor_counts)
+            if ceiling is not None:
+                columns["ceiling"], counts["ceiling"] = ceiling
+            else:
+                notes.append("ceiling: needs ckpt= (an untrained model of the checkpoint's architecture)")
+    return {
+        "metrics": {**(repeats[best]["metrics"] if repeats else {}), **nll_metrics},
+        "extractor": extractor,
+        "repeats": repeats,
+        "best_repeat": best,
+        "columns": columns,
+        "counts": counts,
+        "notes": notes,
+        "likelihood": nll_details,
+        "images": first_images,
+        "num_samples": repeats[best]["num_images"] if repeats else 0,
+        "seeds": repeats[best]["seeds"] if repeats else None,
+    }
+
+
+def _reference_getter(data_cfg: Any, settings: Mapping[str, Any], reference: Any = None) -> Any:
+    """A memoised ``() -> training split`` (None when ``eval.reference_stats`` replaces it)."""
+    memo: dict[str, Any] = {"ref": reference}
+
+    def get() -> Any:
+        if settings.get("reference_stats") is not None:
+            return None
+        if memo["ref"] is None:
+            from data import build_dataset
+
+            reference = build_dataset(data_cfg, split="train")
+            if getattr(reference, "latent", False):
+                raise ValueError(
+                    f"data '{reference.name}' holds VAE latents, not images: sample metrics of a latent-space model "
+                    "need pixel reference statistics, e.g. eval.reference_stats=VIRTUAL_imagenet256_labeled.npz "
+                    "(ADM's reference batch) or the output of `python evaluate.py ref=true data=<the pixel dataset>`")
+            memo["ref"] = reference
+        return memo["ref"]
+
+    return get
 
 
 def evaluate_denoiser(
     denoiser: torch.nn.Module, data_cfg: Any, eval_cfg: Any, sampler_cfg: Any, *, device: str | torch.device,
-    num_samples: int | None = None, reference: Any = None,
+    num_samples: int | None = None, reference: Any = None, distributed: bool = False,
 ) -> dict[str, float]:
-    """Sample ``eval.num_samples`` images and compute ``eval.metrics`` against the training split of ``data_cfg``.
+    """Sample ``eval.num_samples`` images and compute ``eval.metrics`` (``nll`` included) against the training split
+    of ``data_cfg`` (or ``eval.reference_stats``); with ``eval.seed_repeats`` > 1 the best repeat's values.
 
-    The hook for periodic evaluation during training (``eval.every_kimg``); ``reference`` may pass a prebuilt
-    training dataset to avoid rebuilding it each time.
+    ``reference`` may pass a prebuilt training dataset. ``distributed=True``: every rank calls it and shares the
+    sampling; rank 0 gets the metrics, the other ranks ``{}``.
     """
     settings = _eval_settings(eval_cfg)
-    metrics = _check_metrics(settings["metrics"])
-    if reference is None:
-        from data import build_dataset
+    settings["baselines"] = False
+    result = _evaluate_model(denoiser, data_cfg, sampler_cfg, settings, device=device, num_samples=num_samples,
+                             get_reference=_reference_getter(data_cfg, settings, reference), distributed=distributed)
+    return {} if result is None else result["metrics"]
 
-        reference = build_dataset(data_cfg, split="train")
-    images = generate_for_eval(denoiser, data_cfg, settings, sampler_cfg, device=device, num_samples=num_samples)
-    return compute_metrics(images, reference, metrics=metrics, feature_extractor=settings["feature_extractor"],
-                           reference_cache_name=reference_identity(data_cfg, "train"), eval_cfg=settings,
-                           data_cfg=data_cfg, device=device)
+
+@contextlib.contextmanager
+def _preserved_rng(device: str | torch.device) -> Iterator[None]:
+    """Restore the global torch (CPU and this CUDA device), numpy and python RNG states afterwards."""
+    import random
+
+    device = torch.device(device)
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 - the legacy global state itself
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)  # noqa: NPY002
+
+
+def evaluate_during_training(ema_denoiser: torch.nn.Module, cfg: Any, dataset: Any, device: str | torch.device,
+                             cur_kimg: float) -> dict[str, Any]:
+    """Periodic evaluation for train.py (rank 0, every ``eval.every_kimg``): ``eval.metrics`` of
+    ``eval.num_samples_during_training`` samples (seeds ``eval.seed``.., one repeat, no baselines) against
+    ``dataset`` (the training split), with ``cfg.data`` and ``cfg.sampler``.
+
+    Returns ``{"kimg": cur_kimg, "eval/<metric key>": value, ..., "eval/num_samples": N, "eval/seconds": s}``
+    ready for metrics.jsonl / wandb. The model's train/eval mode and every global RNG state are restored, so a
+    resumed run is not perturbed by when it was evaluated.
+    """
+    if getattr(dataset, "latent", False):
+        raise ValueError("evaluation during training needs pixel data; the training set holds latents (set "
+                         "eval.every_kimg=null, and evaluate decoded samples with sample.py + evaluate.py samples=)")
+    settings = _eval_settings(cfg.eval)
+    n = int(settings["num_samples_during_training"] or settings["num_samples"])
+    settings.update(seed_repeats=1, baselines=False)
+    t0 = time.time()
+    was_training = ema_denoiser.training
+    with _preserved_rng(device):
+        ema_denoiser.eval()
+        try:
+            values = evaluate_denoiser(ema_denoiser, cfg.data, settings, cfg.sampler, device=device, num_samples=n,
+                                       reference=dataset)
+        finally:
+            ema_denoiser.train(was_training)
+    return {"kimg": float(cur_kimg), **{f"eval/{k}": v for k, v in values.items()}, "eval/num_samples": n,
+            "eval/seconds": round(time.time() - t0, 2)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Curves: every checkpoint of a run / sweep
+# ------------------------------------------------------------------------------------------------------------------
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """``root`` itself if it is a run (holds ``checkpoints/``), else every run directory below it (a sweep)."""
+    from models.checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_dir():
+        raise FileNotFoundError(f"run_dir not found: {root}")
+    if (root / CHECKPOINT_DIR).is_dir():
+        return [root]
+    runs = sorted({p.parent for p in root.rglob(CHECKPOINT_DIR) if p.is_dir() and list_checkpoints(p.parent)})
+    if not runs:
+        raise ValueError(f"no runs under {root}: a run directory holds {CHECKPOINT_DIR}/checkpoint-<nimg>.pt")
+    return runs
+
+
+def _run_name(run: Path, root: Path) -> str:
+    return run.name if run == root else run.relative_to(root).as_posix()
+
+
+def read_curve(run_dir: str | os.PathLike, settings_key: str | None = None) -> list[dict[str, Any]]:
+    """The entries of ``<run_dir>/fid_curve.jsonl`` (those with ``settings_key`` if given), by training images."""
+    path = Path(run_dir) / CURVE_FILE
+    entries = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash: that checkpoint is evaluated again
+                continue
+            if settings_key is None or entry.get("settings_key") == settings_key:
+                entries.append(entry)
+    return sorted(entries, key=lambda e: e["nimg"])
+
+
+def _curve_settings(settings: Mapping[str, Any], data_cfg: Any, sampler_cfg: Any, ema: bool) -> dict[str, Any]:
+    """Everything a curve point's value depends on besides the checkpoint (hashed into ``settings_key``)."""
+    metrics = _check_metrics(settings["metrics"])
+    keys = ["metrics", "num_samples", "seed", "seed_repeats", "feature_extractor_weights_path"]
+    if "nll" in metrics:
+        keys += [k for k in settings if k.startswith("nll_") and k != "nll_batch"]
+    out = {k: settings[k] for k in keys}
+    if any(m != "nll" for m in metrics):
+        out["feature_extractor"] = resolve_feature_extractor(settings["feature_extractor"], data_cfg)
+    ref = settings.get("reference_stats")
+    if ref:
+        ref_path = os.path.abspath(os.path.expanduser(str(ref)))
+        out["reference"] = f"stats:{ref_path}:{_weights_digest(ref_path)}"
+    else:
+        out["reference"] = reference_identity(data_cfg, "train")
+    out["sampler"] = _plain(sampler_cfg)
+    out["ema"] = bool(ema)
+    return out
+
+
+def _settings_key(curve_settings: Mapping[str, Any]) -> str:
+    return _short_hash(json.dumps(_jsonable(curve_settings), sort_keys=True))
+
+
+def kimg_to_reach(points: Sequence[tuple[float, float]], target: float,
+                  interpolation: str = "loglinear") -> tuple[float | None, float | None]:
+    """(kimg of the first checkpoint with value <= target, kimg interpolated between it and the previous one).
+
+    ``loglinear``: log(value) linear in kimg; ``linear``; ``none`` (both numbers are the checkpoint's). A run
+    already at the target at its first checkpoint gets that checkpoint's kimg twice; (None, None) if never reached.
+    """
+    if interpolation not in TARGET_INTERPOLATIONS:
+        raise ValueError(f"unknown eval.target_interpolation {interpolation!r}; valid: "
+                         f"{', '.join(TARGET_INTERPOLATIONS)}")
+    points = sorted(points)
+    for i, (kimg, value) in enumerate(points):
+        if value <= target:
+            if i == 0 or interpolation == "none":
+                return kimg, kimg
+            k0, v0 = points[i - 1]
+            if interpolation == "loglinear" and value > 0 and target > 0:
+                t = (math.log(v0) - math.log(target)) / (math.log(v0) - math.log(value))
+            else:
+                t = (v0 - target) / (v0 - value)
+            return kimg, k0 + t * (kimg - k0)
+    return None, None
+
+
+def target_table(curves: Mapping[str, Sequence[tuple[float, float]]], *, metric: str, target: float | None = None,
+                 baseline: str | None = None, interpolation: str = "loglinear",
+                 num_samples: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The images-to-reach-target table (Markdown) and its numbers; see the module docstring for the definitions."""
+    curves = {name: sorted(points) for name, points in curves.items() if points}
+    if not curves:
+        raise ValueError("no evaluated checkpoints to tabulate")
+    if baseline is not None:
+        matches = [n for n in curves if n == baseline or n.rsplit("/", 1)[-1] == baseline]
+        if len(matches) != 1:
+            raise ValueError(f"eval.baseline_run={baseline!r} matches {len(matches)} runs; runs: {', '.join(curves)}")
+        baseline = matches[0]
+    if target is not None:
+        source = "eval.target_fid"
+    elif baseline is not None:
+        target, source = curves[baseline][-1][1], f"final value of the baseline run '{baseline}'"
+    else:
+        target = max(min(v for _, v in points) for points in curves.values())
+        source = "the largest of the runs' best values (every run reaches it)"
+    rows = {}
+    for name, points in curves.items():
+        first, interp = kimg_to_reach(points, float(target), interpolation)
+        best_kimg, best = min(points, key=lambda p: p[1])
+        rows[name] = {"first_kimg": first, "kimg": interp, "final_kimg": points[-1][0], "final": points[-1][1],
+                      "best": best, "best_kimg": best_kimg, "checkpoints": len(points),
+                      "at_first_checkpoint": first is not None and first == points[0][0]}
+    base_kimg = rows[baseline]["kimg"] if baseline is not None else None
+    for row in rows.values():
+        row["speedup"] = (base_kimg / row["kimg"]) if base_kimg and row["kimg"] else None
+
+    def k(v: float | None, row: Mapping[str, Any] | None = None) -> str:
+        if v is None:
+            return "not reached"
+        return ("≤ " if row is not None and row["at_first_checkpoint"] else "") + _fmt_kimg(v)
+
+    how = {"loglinear": "log(value) linear in kimg between the last checkpoint above the target and the first at or "
+                        "below it",
+           "linear": "value linear in kimg between the last checkpoint above the target and the first at or below it",
+           "none": "not interpolated: the first checkpoint at or below the target"}[interpolation]
+    lines = [f"## Training images to reach {metric} ≤ {target:.4g}", "",
+             f"- metric: `{metric}`" + (f", {num_samples} samples per checkpoint" if num_samples else ""),
+             f"- target: {target:.4g} ({source})",
+             f"- kimg to target: {how} (eval.target_interpolation={interpolation}); '≤' = already reached at the "
+             "first checkpoint",
+             "- speed-up: kimg of the baseline / kimg of the run" + (f" (baseline: '{baseline}')" if baseline else
+                                                                      " (no eval.baseline_run given)"), "",
+             "| run | checkpoints | final kimg | final | best (kimg) | first checkpoint ≤ target (kimg) | "
+             "kimg to target | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        speed = f"{row['speedup']:.2f}x" if row["speedup"] else "—"
+        lines.append(f"| {name} | {row['checkpoints']} | {_fmt_kimg(row['final_kimg'])} | {row['final']:.4g} | "
+                     f"{row['best']:.4g} ({_fmt_kimg(row['best_kimg'])}) | {k(row['first_kimg'], row)} | "
+                     f"{k(row['kimg'], row)} | {speed} |")
+    return "\n".join(lines) + "\n", {"target": float(target), "target_source": source, "baseline": baseline,
+                                     "interpolation": interpolation, "rows": rows}
+
+
+def _fmt_kimg(v: float) -> str:
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4g}"
+
+
+def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *, metric: str,
+                title: str = "", target: float | None = None) -> Path:
+    """Metric vs training kimg, one line per run (log y when all values are positive), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = []
+    for name, points in curves.items():
+        if not points:
+            continue
+        kimg, vals = zip(*sorted(points))
+        values += vals
+        ax.plot(kimg, vals, marker="o", markersize=3, label=name)
+    if target is not None:
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.4g}")
+    if values and min(values) > 0:
+        from matplotlib.ticker import LogFormatter
+
+        ax.set_yscale("log")
+        # Plain numbers; minor ticks labelled too when the curves span less than about two decades.
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.set_xlabel("training images (kimg)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -> dict[str, Any]:
+    """``run_dir=``: evaluate every checkpoint not yet in ``fid_curve.jsonl`` with these settings; plot and tabulate.
+
+    Returns ``{"runs": {name: [(kimg, value), ...]}, "metric", "table", "plot", "summary"}`` on rank 0.
+    """
+    from models.checkpoint import list_checkpoints, load_checkpoint, load_denoiser
+    from models.distributed import barrier, broadcast_object
+
+    settings = _eval_settings(cfg.eval)
+    settings["baselines"] = False
+    _check_metrics(settings["metrics"])
+    interpolation = str(settings["target_interpolation"])
+    if interpolation not in TARGET_INTERPOLATIONS:
+        raise ValueError(f"unknown eval.target_interpolation {interpolation!r}; valid: "
+                         f"{', '.join(TARGET_INTERPOLATIONS)}")
+    device = dist_info.device if dist_info is not None else _resolve_device(None)
+    main = dist_info is None or dist_info.rank == 0
+    root = Path(os.path.expanduser(str(cfg.run_dir)))
+    runs = find_runs(root)
+    ema = bool(cfg.get("ema", True))
+
+    # The plan (the same on every rank): per run its data/sampler configs, settings key and unevaluated checkpoints.
+    plan = []
+    for run in runs:
+        ckpts = list_checkpoints(run)
+        run_cfg = _omegaconf(load_checkpoint(ckpts[0])["config"])
+        data_cfg = _run_group(run_cfg.get("data"), cfg.data, overrides, "data")
+        sampler_cfg = _run_group(run_cfg.get("sampler"), cfg.sampler, overrides, "sampler")
+        curve_settings = _curve_settings(settings, data_cfg, sampler_cfg, ema)
+        key = _settings_key(curve_settings)
+        done = {e["checkpoint"] for e in read_curve(run, key)} if main else set()
+        todo = [str(p) for p in ckpts if p.name not in done]
+        plan.append({"run": run, "name": _run_name(run, root), "data": data_cfg, "sampler": sampler_cfg,
+                     "settings": curve_settings, "key": key, "todo": todo, "total": len(ckpts)})
+    todos = broadcast_object([p["todo"] for p in plan])
+    references: dict[str, Any] = {}
+    for item, todo in zip(plan, todos):
+        if main:
+            print(f"[{item['name']}] {len(todo)} of {item['total']} checkpoints to evaluate "
+                  f"(settings {item['key']})", flush=True)
+        ident = reference_identity(item["data"], "train")
+        if ident not in references:
+            references[ident] = _reference_getter(item["data"], settings)
+        for ckpt in todo:
+            t0 = time.time()
+            denoiser, _ = load_denoiser(ckpt, ema=ema, device=device)
+            result = _evaluate_model(denoiser, item["data"], item["sampler"], settings, device=device,
+                                     get_reference=references[ident], distributed=dist_info is not None)
+            if not main:
+                continue
+            nimg = int(re.search(r"(\d+)\.pt$", ckpt).group(1))
+            entry = {"run": item["name"], "checkpoint": Path(ckpt).name, "nimg": nimg, "kimg": nimg / 1000,
+                     "settings_key": item["key"], "metrics": result["metrics"], "num_samples": result["num_samples"],
+                     "seeds": result["seeds"], "repeats": [{"seeds": r["seeds"], "metrics": r["metrics"]}
+                                                           for r in result["repeats"]],
+                     "likelihood": result["likelihood"], "settings": item["settings"],
+                     "seconds": round(time.time() - t0, 2), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            with open(item["run"] / CURVE_FILE, "a") as f:
+                f.write(json.dumps(_jsonable(entry), allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            shown = ", ".join(f"{k} = {v:.4g}" for k, v in result["metrics"].items())
+            print(f"[{item['name']}] {Path(ckpt).name} ({_fmt_kimg(nimg / 1000)} kimg): {shown}", flush=True)
+    barrier()
+    if not main:
+        return {}
+
+    entries = {item["name"]: read_curve(item["run"], item["key"]) for item in plan}
+    available = list(dict.fromkeys(k for es in entries.values() for e in es for k in e["metrics"]))
+    metric = settings.get("curve_metric") or _primary_key(dict.fromkeys(available, 0.0))[0]
+    if metric not in available:
+        raise ValueError(f"eval.curve_metric={metric!r} is not among the evaluated metrics: {', '.join(available)}")
+    curves = {name: [(e["kimg"], e["metrics"][metric]) for e in es if metric in e["metrics"]]
+              for name, es in entries.items()}
+    n_samples = int(settings["num_samples"]) if any(m != "nll" for m in _check_metrics(settings["metrics"])) else None
+    target = settings.get("target_fid")
+    table, summary = target_table(curves, metric=metric, target=None if target is None else float(target),
+                                  baseline=settings.get("baseline_run"), interpolation=interpolation,
+                                  num_samples=n_samples)
+    title = f"{metric}" + (f", {n_samples} samples" if n_samples else "") + f" ({root.name})"
+    plot = plot_curves(curves, root / "fid_curve.png", metric=metric, title=title, target=summary["target"])
+    (root / "fid_curve.md").write_text(table)
+    print(table)
+    print(f"wrote {plot} and {root / 'fid_curve.md'}")
+    return {"runs": curves, "metric": metric, "table": table, "plot": str(plot), "summary": summary}
+
+
+def _omegaconf(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(value)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------------------------
-def _metric_label(key: str, extractor: str) -> str:
+def _metric_label(key: str, extractor: str | None) -> str:
+    if key.startswith("nll_"):
+        return {"nll_ode_bpd": "NLL, ODE (bits/dim)", "nll_elbo_bpd": "NLL bound, ELBO (bits/dim)"}.get(key, key)
     prefix = "classifier-" if extractor == DIGITS_EXTRACTOR else ""
     names = {"fid": "FID", "isc": "IS", "kid": "KID"}
     metric = key.split("_", 1)[0]
@@ -587,106 +1477,153 @@ def _default_out(cfg: Any, eval_name: str) -> Path:
     return samples.parent / f"eval-{eval_name}-{stem}.json"
 
 
-def run_evaluation(cfg: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run_reference(cfg: Any, dist_info: Any = None) -> dict[str, Any]:
+    """``ref=true``: μ, Σ of every (un-flipped) training image of ``data`` in EDM's ``.npz`` format (rank 0 only)."""
+    from data import build_dataset
+
+    if dist_info is not None and dist_info.rank != 0:
+        return {}
+    settings = _eval_settings(cfg.eval)
+    dataset = build_dataset(cfg.data, split="train")
+    if getattr(dataset, "latent", False):
+        raise ValueError(f"data '{dataset.name}' holds latents; reference statistics need pixel images")
+    device = dist_info.device if dist_info is not None else _resolve_device(None)
+    extractor = resolve_feature_extractor(settings["feature_extractor"], cfg.data)
+    t0 = time.time()
+    stats = compute_reference_statistics(dataset, feature_extractor=extractor, eval_cfg=settings, data_cfg=cfg.data,
+                                         device=device)
+    if cfg.get("out"):
+        out = Path(str(cfg.out))
+    else:
+        suffix = "" if extractor == INCEPTION_EXTRACTOR else f"-{EXTRACTOR_TAGS[extractor]}"
+        out = Path(f"{dataset.name}-{dataset.resolution}x{dataset.resolution}{suffix}.npz")
+    save_reference_statistics(out, stats)
+    print(f"reference statistics of '{dataset.name}' (training split, {stats['num_images']} images, "
+          f"{EXTRACTOR_DESCRIPTIONS[extractor]}) -> {out}  [{time.time() - t0:.1f} s]")
+    return {"path": str(out), "num_images": stats["num_images"], "feature_extractor": extractor,
+            "extractor_id": stats["extractor_id"]}
+
+
+def _modes(cfg: Any) -> dict[str, bool]:
+    return {"samples": cfg.get("samples") is not None, "ckpt": cfg.get("ckpt") is not None,
+            "run_dir": cfg.get("run_dir") is not None, "ref": bool(cfg.get("ref", False))}
+
+
+def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -> dict[str, Any]:
     """The CLI's work on a composed ``configs/evaluate.yaml`` config; returns the record written to JSON.
 
-    ``overrides`` are the command-line overrides: with ``ckpt``, the run's own ``data`` and ``sampler`` groups are
-    used unless the command line chose another option (``data=...``) or set keys (``data.path=...``).
+    ``overrides`` are the command-line overrides: with ``ckpt`` (and ``run_dir``), the run's own ``data`` and
+    ``sampler`` groups are used unless the command line chose another option (``data=...``) or set keys
+    (``data.path=...``). ``dist_info`` (``models.distributed.init_distributed``): split sampling over the ranks;
+    rank 0 computes the metrics and returns the record, the other ranks return ``{}``.
     """
-    from data import build_dataset
     from models.distributed import resolve_device
 
-    if (cfg.samples is None) == (cfg.ckpt is None):
-        raise ValueError("give exactly one of samples=<npz or image folder> and ckpt=<checkpoint or run dir> "
-                         f"(got samples={cfg.samples!r}, ckpt={cfg.ckpt!r})")
+    modes = _modes(cfg)
+    if sum(modes.values()) != 1:
+        raise ValueError("give exactly one of samples=<npz or image folder>, ckpt=<checkpoint or run dir>, "
+                         "run_dir=<run or sweep dir> (FID curves) or ref=true (reference statistics) (got "
+                         f"samples={cfg.get('samples')!r}, ckpt={cfg.get('ckpt')!r}, run_dir={cfg.get('run_dir')!r}, "
+                         f"ref={cfg.get('ref', False)!r})")
     settings = _eval_settings(cfg.eval)
     metrics = _check_metrics(settings["metrics"])
-    device = resolve_device(str(cfg.get("device", "auto")))
-    denoiser = run_cfg = None
-    sampler_cfg = cfg.sampler
+    if modes["ref"]:
+        return run_reference(cfg, dist_info)
+    if modes["run_dir"]:
+        return run_curves(cfg, overrides, dist_info)
+    device = dist_info.device if dist_info is not None else resolve_device(str(cfg.get("device", "auto")))
+    main = dist_info is None or dist_info.rank == 0
+    sample_metrics = [m for m in metrics if m != "nll"]
     data_cfg = cfg.data
+    t0 = time.time()
     if cfg.ckpt is not None:
         from models.checkpoint import load_denoiser
 
         if not os.path.exists(str(cfg.ckpt)):
             raise FileNotFoundError(f"ckpt not found: {cfg.ckpt}")
-        denoiser, run_cfg = load_denoiser(str(cfg.ckpt), ema=bool(cfg.get("ema", True)), device=device)
+        ema = bool(cfg.get("ema", True))
+        denoiser, run_cfg = load_denoiser(str(cfg.ckpt), ema=ema, device=device)
         data_cfg = _run_group(run_cfg.get("data"), cfg.data, overrides, "data")
         sampler_cfg = _run_group(run_cfg.get("sampler"), cfg.sampler, overrides, "sampler")
-    extractor = resolve_feature_extractor(settings["feature_extractor"], data_cfg)
-    reference = build_dataset(data_cfg, split="train")
-    ref_chw = (reference.num_channels, reference.resolution, reference.resolution)
-    ref_name = reference_identity(data_cfg, "train")
-    common = dict(metrics=metrics, feature_extractor=extractor, reference_cache_name=ref_name, eval_cfg=settings,
-                  data_cfg=data_cfg, device=device)
-
-    t0 = time.time()
-    if denoiser is not None:
-        den_chw = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-        if den_chw != ref_chw:
-            raise ValueError(f"the checkpoint generates (C, H, W) = {den_chw} but data '{reference.name}' has "
-                             f"{ref_chw}: channel/resolution mismatch")
-        print(f"generating {settings['num_samples']} samples (seeds {settings['seed']}..) with "
-              f"sampler={sampler_cfg.name} num_steps={sampler_cfg.get('num_steps')} on {device}")
-        images = generate_for_eval(denoiser, data_cfg, settings, sampler_cfg, device=device, progress=True)
-        source = {"ckpt": str(cfg.ckpt), "ema": bool(cfg.get("ema", True)),
-                  "seeds": [int(settings["seed"]), int(settings["seed"]) + len(images) - 1]}
+        get_reference = _reference_getter(data_cfg, settings)
+        if sample_metrics and settings.get("reference_stats") is None:
+            reference = get_reference()
+            den_chw = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+            ref_chw = (reference.num_channels, reference.resolution, reference.resolution)
+            if den_chw != ref_chw:
+                raise ValueError(f"the checkpoint generates (C, H, W) = {den_chw} but data '{reference.name}' has "
+                                 f"{ref_chw}: channel/resolution mismatch")
+        result = _evaluate_model(denoiser, data_cfg, sampler_cfg, settings, device=device,
+                                 get_reference=get_reference, distributed=dist_info is not None, progress=True,
+                                 run_cfg=run_cfg)
+        if not main:
+            return {}
+        source = {"ckpt": str(cfg.ckpt), "ema": ema, "seeds": result["seeds"]}
+        if result["likelihood"] is not None:
+            source["likelihood"] = result["likelihood"]
+        if len(result["repeats"]) > 1:
+            source["repeats"] = [{"seeds": r["seeds"], "metrics": r["metrics"]} for r in result["repeats"]]
     else:
+        if "nll" in metrics:
+            raise ValueError("eval.metrics contains nll, which needs the model: evaluate it with ckpt=<run>")
+        if int(settings["seed_repeats"]) != 1:
+            raise ValueError("eval.seed_repeats needs ckpt=<run> (the images of samples= come with their seeds)")
+        if not main:
+            return {}
+        sampler_cfg = None
+        get_reference = _reference_getter(data_cfg, settings)
+        reference = get_reference()
+        ref_chw = None if reference is None else (reference.num_channels, reference.resolution, reference.resolution)
         images = load_samples(str(cfg.samples), ref_chw)
+        extractor = resolve_feature_extractor(settings["feature_extractor"], data_cfg)
+        common = dict(metrics=sample_metrics, feature_extractor=extractor,
+                      reference_cache_name=reference_identity(data_cfg, "train"), eval_cfg=settings,
+                      data_cfg=data_cfg, device=device)
+        result = {"columns": {"samples": compute_metrics(images, reference, **common)},
+                  "counts": {"samples": len(images)}, "notes": [], "extractor": extractor, "images": images,
+                  "num_samples": len(images), "likelihood": None}
+        result["metrics"] = result["columns"]["samples"]
+        if settings["baselines"]:
+            columns, counts = _floor_columns(images, data_cfg, common, get_reference, result["notes"])
+            result["columns"].update(columns)
+            result["counts"].update(counts)
+            result["notes"].append("ceiling: needs ckpt= (an untrained model of the checkpoint's architecture)")
         source = {"samples": str(cfg.samples)}
 
-    columns: dict[str, dict[str, float]] = {"samples": compute_metrics(images, reference, **common)}
-    counts = {"samples": len(images)}
-    notes = []
-    if settings["baselines"]:
-        try:
-            heldout = build_dataset(data_cfg, split="test")
-        except (ValueError, FileNotFoundError, NotImplementedError) as err:
-            heldout = None
-            notes.append(f"floor: not available ({err})")
-        if heldout is not None:
-            held_images = heldout.all_images()
-            n_held = len(held_images)
-            if n_held < len(images):
-                key = f"samples@{n_held}"
-                columns[key] = compute_metrics(images[:n_held], reference, **common)
-                counts[key] = n_held
-            columns["floor"] = compute_metrics(held_images, reference, **common)
-            counts["floor"] = n_held
-        if denoiser is not None:
-            from diffusion.preconditioning import build_denoiser
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(settings["seed"]))
-                fresh = build_denoiser(run_cfg, denoiser.img_resolution, denoiser.img_channels,
-                                       label_dim=int(getattr(denoiser, "label_dim", 0)),
-                                       augment_dim=int(getattr(denoiser, "augment_dim", 0)))
-            fresh = fresh.eval().requires_grad_(False).to(device)
-            untrained = generate_for_eval(fresh, data_cfg, settings, sampler_cfg, device=device)
-            columns["ceiling"] = compute_metrics(untrained, reference, **common)
-            counts["ceiling"] = len(untrained)
+    extractor = result["extractor"]
+    if extractor is not None:
+        reference = get_reference()
+        if reference is None:
+            stats_path = str(settings["reference_stats"])
+            ref_record: dict[str, Any] = {"stats": stats_path}
+            print(f"reference: statistics from {stats_path}")
         else:
-            notes.append("ceiling: needs ckpt= (an untrained model of the checkpoint's architecture)")
-
-    n_ref = len(_UInt8Images(reference, False))
-    print(f"reference: '{reference.name}' training split ({n_ref} images)")
-    print(format_table(columns, counts, extractor))
-    for note in notes:
+            n_ref = len(_UInt8Images(reference, False))
+            ref_record = {"dataset": reference.name, "split": "train", "num_images": n_ref,
+                          "identity": reference_identity(data_cfg, "train")}
+            print(f"reference: '{reference.name}' training split ({n_ref} images)")
+        print(format_table(result["columns"], result["counts"], extractor))
+    else:
+        ref_record = None
+    if result["likelihood"] is not None:
+        print(_format_likelihood(result["metrics"], result["likelihood"]))
+    for note in result["notes"]:
         print(note)
 
     record = {
-        "metrics": columns["samples"],
+        "metrics": result["metrics"],
         "feature_extractor": extractor,
-        "feature_extractor_description": EXTRACTOR_DESCRIPTIONS[extractor],
-        "num_samples": len(images),
-        "reference": {"dataset": reference.name, "split": "train", "num_images": n_ref, "identity": ref_name},
-        "columns": columns,
-        "counts": counts,
-        "notes": notes,
+        "feature_extractor_description": EXTRACTOR_DESCRIPTIONS.get(extractor) if extractor else None,
+        "num_samples": result["num_samples"],
+        "reference": ref_record,
+        "columns": result["columns"],
+        "counts": result["counts"],
+        "notes": result["notes"],
         "data": _plain(data_cfg),
-        "sampler": _plain(sampler_cfg) if denoiser is not None else None,
+        "sampler": _plain(sampler_cfg) if sampler_cfg is not None else None,
         "eval": {k: v for k, v in settings.items()},
         **source,
+        "world_size": 1 if dist_info is None else dist_info.world_size,
         "seconds": round(time.time() - t0, 2),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -695,6 +1632,14 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = ()) -> dict[str, Any]:
         record["classifier"] = load_or_train_digits_classifier(data_cfg, cache_dir)[1]
     out = Path(str(cfg.out)) if cfg.get("out") else _default_out(cfg, str(settings["name"]))
     out.parent.mkdir(parents=True, exist_ok=True)
+    if settings["save_samples"] and cfg.ckpt is not None and result["images"] is not None:
+        images = result["images"]
+        first = result["repeats"][0]["seeds"][0]
+        samples_path = out.with_name(out.stem + "-samples.npz")
+        np.savez(samples_path, samples=images.permute(0, 2, 3, 1).numpy(),
+                 seeds=np.arange(first, first + len(images), dtype=np.int64))
+        record["samples_file"] = str(samples_path)
+        print(f"wrote {samples_path}")
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, out)
@@ -721,7 +1666,16 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
     def _main(cfg: Any) -> None:
-        run_evaluation(cfg, list(HydraConfig.get().overrides.task))
+        from models.distributed import init_distributed, shutdown_distributed
+
+        dist_info = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist_info = init_distributed(str(cfg.get("device", "auto")))
+        try:
+            run_evaluation(cfg, list(HydraConfig.get().overrides.task), dist_info)
+        finally:
+            if dist_info is not None:
+                shutdown_distributed()
 
     _main()
 

@@ -412,3 +412,99 @@ def test_cli_checkpoint_with_baselines(tmp_path, classifier):
     assert cols["samples"][key] != pytest.approx(cols["ceiling"][key], rel=1e-3)
     assert cols["ceiling"][key] > 10 * cols["floor"][key]
     assert (run_dir / "eval-default.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fréchet distance of feature sets against the closed form; published / computed reference statistics
+# ---------------------------------------------------------------------------------------------------------------
+def _features_with_moments(mu: np.ndarray, sigma: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n feature vectors whose sample mean is exactly mu and unbiased sample covariance exactly sigma."""
+    z = np.random.default_rng(seed).standard_normal((n, len(mu)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # sample covariance I exactly
+    return mu + z @ np.linalg.cholesky(sigma).T
+
+
+def test_fid_of_gaussian_feature_sets_matches_the_closed_form():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    # Commuting covariances (shared eigenbasis Q): FID = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2.
+    f = 6
+    q, _ = np.linalg.qr(rng.standard_normal((f, f)))
+    a, b = rng.uniform(0.2, 3.0, f), rng.uniform(0.2, 3.0, f)
+    mu1, mu2 = rng.standard_normal(f), rng.standard_normal(f)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    x1, x2 = _features_with_moments(mu1, s1, 500, 1), _features_with_moments(mu2, s2, 300, 2)
+    closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+    assert evaluate.fid_from_features(x1, x2) == pytest.approx(closed, rel=1e-9)
+    assert evaluate.fid_from_features(torch.from_numpy(x1), torch.from_numpy(x1)) == pytest.approx(0, abs=1e-9)
+    # Non-commuting 2x2 covariances: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2))) (eigenvalues l1, l2 >= 0:
+    # sqrt(l1) + sqrt(l2) = sqrt(l1 + l2 + 2 sqrt(l1 l2))).
+    s1 = np.array([[2.0, 0.9], [0.9, 1.0]])
+    s2 = np.array([[0.5, -0.3], [-0.3, 1.5]])
+    mu1, mu2 = np.array([1.0, -2.0]), np.array([0.5, 0.5])
+    m = s1 @ s2
+    closed = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                   - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m))))
+    x1, x2 = _features_with_moments(mu1, s1, 200, 3), _features_with_moments(mu2, s2, 100, 4)
+    assert evaluate.fid_from_features(x1, x2) == pytest.approx(closed, rel=1e-9)
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-12)
+    # torch-fidelity's routine (eigenvalues of S1 S2) on the same statistics agrees.
+    tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+    assert tf["frechet_inception_distance"] == pytest.approx(closed, rel=1e-9)
+    with pytest.raises(ValueError, match="equal F"):
+        evaluate.frechet_distance(mu1, s1, np.zeros(3), np.eye(3))
+
+
+def test_reference_statistics_files(classifier, splits, digits_cfg, tmp_path):
+    """EDM-format (mu, sigma), ADM-format (+ arr_0) and images-only files give the FID of the reference images."""
+    path, _ = classifier
+    train, heldout = splits
+    kw = dict(feature_extractor="digits-classifier", classifier_path=path)
+    direct = evaluate.compute_metrics(heldout.all_images(), train, **kw)["fid_digits_classifier"]
+    stats = evaluate.compute_reference_statistics(train, **kw)
+    assert stats["num_images"] == len(train.all_images()) and stats["mu"].shape == (64,)
+    mine = evaluate.save_reference_statistics(tmp_path / "ref.npz", stats)
+    np.savez(tmp_path / "edm.npz", mu=stats["mu"], sigma=stats["sigma"])
+    np.savez(tmp_path / "adm.npz", arr_0=train.all_images().permute(0, 2, 3, 1).numpy(), mu=stats["mu"],
+             sigma=stats["sigma"])
+    np.savez(tmp_path / "images.npz", arr_0=train.all_images().permute(0, 2, 3, 1).numpy())
+    for name in (mine, tmp_path / "edm.npz", tmp_path / "adm.npz", tmp_path / "images.npz"):
+        value = evaluate.compute_metrics(heldout.all_images(), None, reference_stats=str(name), **kw)
+        # torch-fidelity's own statistics are float32-mean / eigvals: equal up to rounding.
+        assert value["fid_digits_classifier"] == pytest.approx(direct, rel=1e-4), name
+    # The option through eval_cfg, with IS alongside; KID/PRC refused; a foreign extractor's file refused.
+    both = evaluate.compute_metrics(heldout.all_images(), None, metrics=["fid", "isc"],
+                                    eval_cfg={"reference_stats": str(mine)}, **kw)
+    assert set(both) == {"fid_digits_classifier", "isc_digits_classifier_mean", "isc_digits_classifier_std"}
+    with pytest.raises(ValueError, match="only the reference mu and Sigma; kid need"):
+        evaluate.compute_metrics(heldout.all_images(), None, metrics=["fid", "kid"], reference_stats=str(mine), **kw)
+    evaluate.save_reference_statistics(tmp_path / "foreign.npz", {**stats, "feature_extractor": "inception-v3-compat"})
+    with pytest.raises(ValueError, match="computed with inception-v3-compat features"):
+        evaluate.compute_metrics(heldout.all_images(), None, reference_stats=str(tmp_path / "foreign.npz"), **kw)
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="2048-d statistics but the digits-classifier features are 64-d"):
+        evaluate.compute_metrics(heldout.all_images(), None, reference_stats=str(tmp_path / "wide.npz"), **kw)
+    np.savez(tmp_path / "bad.npz", means=np.zeros(3))
+    with pytest.raises(ValueError, match="neither mu/sigma.*found: means"):
+        evaluate.load_reference_statistics(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError, match="cifar10-32x32.npz"):
+        evaluate.load_reference_statistics(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="nll is a property of the model"):
+        evaluate.compute_metrics(heldout.all_images(), train, metrics=["nll"], **kw)
+
+
+def test_cli_ref_writes_edm_format(classifier, splits, tmp_path):
+    path, _ = classifier
+    train, _ = splits
+    cache = Path(path).parents[1]
+    out = tmp_path / "digits-8x8.npz"
+    result = evaluate.run_evaluation(_compose(["ref=true", "data=digits", f"eval.cache_dir={cache}", f"out={out}",
+                                               "device=cpu"]))
+    with np.load(out) as npz:
+        mu, sigma = npz["mu"], npz["sigma"]
+        assert mu.dtype == np.float64 and sigma.shape == (64, 64) and int(npz["num_images"]) == len(train)
+    expected = evaluate.feature_statistics(_features(path, train.all_images()))
+    assert np.allclose(mu, expected[0], atol=1e-5) and np.allclose(sigma, expected[1], atol=1e-5)
+    assert result["feature_extractor"] == "digits-classifier"
