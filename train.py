@@ -474,6 +474,19 @@ class Trainer:
                 export_safetensors(path, run_dir / "ema.safetensors", ema=True)
         barrier()
 
+    def _evaluate(self, logger: RunLogger) -> None:
+        """Periodic evaluation of the EMA model (``eval.every_kimg``) on rank 0, logged as ``eval/<metric>``."""
+        if self.dist.is_main:
+            import evaluate
+
+            record = evaluate.evaluate_during_training(self.ema.model, self.cfg, self.dataset, self.device,
+                                                       self.cur_nimg / 1000)
+            logger.log({"step": self.step, **record})
+            log.info("kimg %9.1f | %s", self.cur_nimg / 1000,
+                     " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/")
+                                and isinstance(v, float)))
+        barrier()
+
     def _latent_codec(self) -> Any:
         """The VAE decoder for grids of a latent-space run (loaded once), None for pixel data."""
         info = getattr(self.dataset, "latent_info", None)
@@ -550,6 +563,8 @@ class Trainer:
                     if self.dist.is_main and t.grid_seeds and (
                             done or _interval_due(prev_nimg, self.cur_nimg, t.snapshot_kimg)):
                         self._snapshot_grid(run_dir / "samples" / f"grid-{self.cur_nimg // 1000:06d}kimg.png")
+                    if _interval_due(prev_nimg, self.cur_nimg, cfg.eval.get("every_kimg")):
+                        self._evaluate(logger)
                     if done or stop or _interval_due(prev_nimg, self.cur_nimg, t.checkpoint_kimg):
                         self._save(run_dir, resolved, final=done)
                     if stop:

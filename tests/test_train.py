@@ -94,3 +94,16 @@ def test_bad_config_values_fail_fast_with_clear_errors(tmp_path, override, messa
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_periodic_evaluation_is_logged_and_keeps_resume_exact(tmp_path):
+    """eval.every_kimg logs the classifier-FID to metrics.jsonl, and evaluating does not perturb training."""
+    evaluated, plain = tmp_path / "evaluated", tmp_path / "plain"
+    extra = ["eval.every_kimg=0.128", "eval.num_samples_during_training=50", "sampler.num_steps=4"]
+    _train(evaluated, *extra)
+    _train(plain)
+    records = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
+    fids = [r["eval/fid_digits_classifier"] for r in records if "eval/fid_digits_classifier" in r]
+    assert len(fids) == 2 and all(f > 0 for f in fids)
+    a, b = load_checkpoint(evaluated), load_checkpoint(plain)
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
