@@ -240,7 +240,7 @@ def save_png(image: Tensor, path: str | os.PathLike, upscale: int = 1) -> None:
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> None:
     """A grid PNG of uint8 images; small images (e.g. 8x8 digits) are enlarged so the grid is legible."""
     grid = make_grid(images, nrow=nrow)
-    upscale = max(1, 256 // max(grid.shape[1:]))
+    upscale = max(1, 512 // max(grid.shape[1:]))
     save_png(grid, path, upscale=min(upscale, 8))
 
 
