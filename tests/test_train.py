@@ -83,7 +83,7 @@ def test_dry_run_prints_parameter_count(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("train.batch=0", "train.batch: must be a positive integer"),
-    ("train.batch_gpu=5", "train.batch_gpu: 5 must divide the per-process batch 64"),
+    ("train.batch_gpu=5", "train.batch_gpu: 5 must divide the per-process batch 128"),
     ("train.label_dropout=0.1", "train.label_dropout: label dropout needs a class-conditional model"),
     ("schedule=nope", "Could not find 'schedule/nope'"),
     ("schedule.p_std=-1", "schedule.p_std must be > 0"),
