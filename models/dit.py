@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Linear, PositionalEmbedding, weight_init
+from models.layers import Linear, PositionalEmbedding, class_label_batch, noise_label_batch, weight_init
 
 # name -> (depth, hidden_size, num_heads), Peebles & Xie 2023, Table 1.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -238,25 +238,11 @@ class DiT(nn.Module):
         augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The conditioning vector c [N, hidden_size] (see the module docstring)."""
-        noise_labels = torch.as_tensor(noise_labels, dtype=torch.float32, device=self.t_mlp0.weight.device)
-        if noise_labels.numel() == 1:
-            noise_labels = noise_labels.reshape(1).expand(batch_size)
-        if noise_labels.shape != (batch_size,):
-            raise ValueError(f"noise_labels must have shape [{batch_size}], got {list(noise_labels.shape)}")
+        noise_labels = noise_label_batch(noise_labels, batch_size, self.t_mlp0.weight.device)
         c = self.t_mlp1(F.silu(self.t_mlp0(self.t_frequencies(noise_labels * self.noise_label_scale))))
         if self.y_embedding is not None:
-            if class_labels is None:
-                labels = c.new_zeros(batch_size, self.label_dim)
-            else:
-                if class_labels.shape != (batch_size, self.label_dim):
-                    raise ValueError(
-                        f"class_labels must be one-hot of shape [{batch_size}, {self.label_dim}], "
-                        f"got {list(class_labels.shape)}"
-                    )
-                labels = class_labels.to(c.dtype)
-                if self.training and self.label_dropout:
-                    keep = torch.rand(batch_size, 1, device=labels.device) >= self.label_dropout
-                    labels = labels * keep.to(labels.dtype)
+            labels = class_label_batch(class_labels, batch_size, self.label_dim, c, self.training,
+                                       self.label_dropout)
             table = self.y_embedding.to(c.dtype)
             null_weight = 1.0 - labels.sum(dim=1, keepdim=True)
             c = c + labels @ table[:-1] + null_weight * table[-1:]

@@ -323,3 +323,33 @@ class UNetBlock(nn.Module):
         if self.attn is not None:
             x = (self.attn(x) + x) * self.skip_scale
         return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conditioning inputs shared by every network: the noise label and the (one-hot) class label.
+
+
+def noise_label_batch(noise_labels: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``noise_labels`` as float32 [batch_size] on ``device`` (a single value is broadcast)."""
+    noise_labels = torch.as_tensor(noise_labels, dtype=torch.float32, device=device)
+    if noise_labels.numel() == 1:
+        noise_labels = noise_labels.reshape(1).expand(batch_size)
+    if noise_labels.shape != (batch_size,):
+        raise ValueError(f"noise_labels must have shape [{batch_size}], got {list(noise_labels.shape)}")
+    return noise_labels
+
+
+def class_label_batch(class_labels: torch.Tensor | None, batch_size: int, label_dim: int, like: torch.Tensor,
+                      training: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """One-hot class labels [batch_size, label_dim] in ``like``'s dtype; None (and a dropped label) is the all-zero
+    row, the null class of classifier-free guidance. ``dropout`` drops labels with that probability in training."""
+    if class_labels is None:
+        return like.new_zeros(batch_size, label_dim)
+    if class_labels.shape != (batch_size, label_dim):
+        raise ValueError(f"class_labels must be one-hot of shape [{batch_size}, {label_dim}], "
+                         f"got {list(class_labels.shape)}")
+    labels = class_labels.to(like.dtype)
+    if training and dropout:
+        keep = torch.rand(batch_size, 1, device=labels.device) >= dropout
+        labels = labels * keep.to(labels.dtype)
+    return labels

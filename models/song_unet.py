@@ -35,7 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from models.layers import (
+    Conv2d,
+    FourierEmbedding,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    UNetBlock,
+    class_label_batch,
+    noise_label_batch,
+)
 
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
@@ -189,26 +198,12 @@ class SongUNet(nn.Module):
         augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block-conditioning vector emb [N, model_channels * channel_mult_emb] (see the module docstring)."""
-        noise_labels = torch.as_tensor(noise_labels, dtype=torch.float32, device=self.map_layer0.weight.device)
-        if noise_labels.numel() == 1:
-            noise_labels = noise_labels.reshape(1).expand(batch_size)
-        if noise_labels.shape != (batch_size,):
-            raise ValueError(f"noise_labels must have shape [{batch_size}], got {list(noise_labels.shape)}")
+        noise_labels = noise_label_batch(noise_labels, batch_size, self.map_layer0.weight.device)
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(batch_size, 2, -1).flip(1).reshape(batch_size, -1)  # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
-            if class_labels is None:
-                labels = emb.new_zeros(batch_size, self.label_dim)
-            else:
-                if class_labels.shape != (batch_size, self.label_dim):
-                    raise ValueError(
-                        f"class_labels must be one-hot of shape [{batch_size}, {self.label_dim}], "
-                        f"got {list(class_labels.shape)}"
-                    )
-                labels = class_labels.to(emb.dtype)
-                if self.training and self.label_dropout:
-                    keep = torch.rand(batch_size, 1, device=labels.device) >= self.label_dropout
-                    labels = labels * keep.to(labels.dtype)
+            labels = class_label_batch(class_labels, batch_size, self.label_dim, emb, self.training,
+                                       self.label_dropout)
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
