@@ -14,32 +14,25 @@
 from __future__ import annotations
 
 import io
-import json
 import os
-import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .dataset import ImageDataset, check_config_value
+from .image_source import LABELS_FILE, ImageSource, image_extensions
 
-__all__ = ["ImageFolderDataset", "build_folder", "image_extensions"]
-
-LABELS_FILE = "dataset.json"
-
-
-def image_extensions() -> set[str]:
-    """Lower-case file extensions (with the dot) that PIL can open."""
-    from PIL import Image
-
-    return {ext.lower() for ext in Image.registered_extensions()}
+__all__ = ["ImageFolderDataset", "build_folder", "image_extensions", "LABELS_FILE"]
 
 
 class ImageFolderDataset(ImageDataset):
-    """Images from a directory tree or an uncompressed zip, with optional labels from ``dataset.json``."""
+    """Images from a directory tree or an uncompressed zip, with optional labels from ``dataset.json``.
+
+    File listing, zip handling and the ``dataset.json`` labels are ``data.image_source.ImageSource``'s (the same
+    reader the preparation tools use, with ``labels="auto"``).
+    """
 
     def __init__(
         self,
@@ -53,93 +46,36 @@ class ImageFolderDataset(ImageDataset):
     ) -> None:
         if path is None:
             raise ValueError("data.path is not set; pass data.path=<a directory of images or an EDM-style .zip>")
-        self.path = Path(path).expanduser()
-        if not self.path.exists():
-            raise FileNotFoundError(f"image folder/zip not found: '{self.path}' (data.path)")
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"image folder/zip not found: '{path}' (data.path)")
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels!r} is not supported by the folder source; valid: 1 (L), 3 (RGB)")
         self._mode = "RGB" if channels == 3 else "L"
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid: int | None = None
-
-        if self.path.is_dir():
-            self._is_zip = False
-            all_names = sorted(
-                Path(root, f).relative_to(self.path).as_posix() for root, _, files in os.walk(self.path) for f in files
-            )
-        else:
-            self._is_zip = True
-            try:
-                all_names = sorted(n for n in self._open_zip().namelist() if not n.endswith("/"))
-            except (zipfile.BadZipFile, OSError) as e:
-                raise ValueError(f"'{self.path}' is neither a directory nor a readable zip archive: {e}") from e
-
-        extensions = image_extensions()
-        self._names = [n for n in all_names if os.path.splitext(n)[1].lower() in extensions]
-        if not self._names:
-            raise ValueError(
-                f"no images found in '{self.path}' (looked for files with extensions PIL reads, e.g. .png .jpg)"
-            )
-        labels = self._read_labels(LABELS_FILE in all_names)
+        self.source = ImageSource(path, labels="auto")
+        self.path = self.source.path
 
         found = self._open_image(0, None).shape[-1]
         check_config_value(
-            "resolution", resolution, found, where=f"the first image '{self._names[0]}' in '{self.path}'"
+            "resolution", resolution, found, where=f"the first image '{self.source.names[0]}' in '{self.path}'"
         )
         super().__init__(
             name=name,
             resolution=found,
             num_channels=channels,
-            labels=labels,
-            num_images=len(self._names),
+            labels=self.source.labels,
+            num_images=len(self.source),
             cond=cond,
             xflip=xflip,
         )
-
-    # --- file access -----------------------------------------------------------------------------------------------
-    def _open_zip(self) -> zipfile.ZipFile:
-        """This process's handle on the zip (re-opened after a fork or an unpickle)."""
-        if self._zip is None or self._zip_pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.path)
-            self._zip_pid = os.getpid()
-        return self._zip
-
-    def _read_bytes(self, name: str) -> bytes:
-        if self._is_zip:
-            return self._open_zip().read(name)
-        return (self.path / name).read_bytes()
-
-    def _read_labels(self, present: bool) -> np.ndarray | None:
-        if not present:
-            return None
-        where = f"'{self.path}' {LABELS_FILE}"
-        try:
-            meta = json.loads(self._read_bytes(LABELS_FILE))
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{where} is not valid JSON: {e}") from e
-        entries = meta.get("labels") if isinstance(meta, dict) else None
-        if entries is None:
-            return None
-        if not isinstance(entries, list) or not all(isinstance(e, list | tuple) and len(e) == 2 for e in entries):
-            raise ValueError(f'{where}: "labels" must be null or a list of [relative_path, class_index] pairs')
-        table = {str(fname).replace("\\", "/"): label for fname, label in entries}
-        labels = []
-        for fname in self._names:
-            if fname not in table:
-                raise ValueError(f"{where} has no label for image '{fname}'")
-            label = table[fname]
-            if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-                raise ValueError(f"{where}: label of '{fname}' must be a non-negative integer, got {label!r}")
-            labels.append(label)
-        return np.asarray(labels, dtype=np.int64)
 
     def _open_image(self, raw_index: int, expected_resolution: int | None) -> Tensor:
         """Image ``raw_index`` as uint8 [C, H, W]; ValueError naming the file if unreadable or of the wrong size."""
         from PIL import Image
 
-        name = self._names[raw_index]
+        name = self.source.names[raw_index]
         try:
-            with Image.open(io.BytesIO(self._read_bytes(name))) as img:
+            with Image.open(io.BytesIO(self.source.read_bytes(name))) as img:
                 img.load()
                 array = np.array(img.convert(self._mode))  # a writable copy
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
@@ -160,13 +96,7 @@ class ImageFolderDataset(ImageDataset):
     @property
     def names(self) -> list[str]:
         """Relative '/'-separated paths of the images, in dataset order."""
-        return list(self._names)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_zip"] = None  # zip handles don't pickle; each worker opens its own
-        state["_zip_pid"] = None
-        return state
+        return list(self.source.names)
 
 
 def build_folder(cfg: dict, split: str = "train") -> ImageFolderDataset:

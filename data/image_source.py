@@ -25,11 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from .image_folder import LABELS_FILE, image_extensions
-
-__all__ = ["ImageSource", "LABEL_MODES"]
+__all__ = ["ImageSource", "LABEL_MODES", "LABELS_FILE", "image_extensions"]
 
 LABEL_MODES = ("auto", "json", "dirs", "none")
+LABELS_FILE = "dataset.json"
+
+
+def image_extensions() -> set[str]:
+    """Lower-case file extensions (with the dot) that PIL can open."""
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
 
 
 class ImageSource:
