@@ -487,6 +487,17 @@ class Trainer:
                                 and isinstance(v, float)))
         barrier()
 
+    def _schedule_report(self, run_dir: Path) -> None:
+        """An adaptive schedule's picture of the run (InfoNoise: its profile and π over training)."""
+        if not hasattr(self.schedule, "profile"):
+            return
+        from diffusion.schedules.infonoise_report import plot_infonoise_profile
+
+        try:
+            log.info("InfoNoise profile: %s", plot_infonoise_profile(run_dir))
+        except (OSError, ValueError) as err:  # a missing picture must not fail a finished run
+            log.warning("could not plot the InfoNoise profile: %s", err)
+
     def _latent_codec(self) -> Any:
         """The VAE decoder for grids of a latent-space run (loaded once), None for pixel data."""
         info = getattr(self.dataset, "latent_info", None)
@@ -579,6 +590,7 @@ class Trainer:
                 progress.close()
             logger.close()
         if self.dist.is_main and self.cur_nimg >= self.total_nimg:
+            self._schedule_report(run_dir)
             log.info("done: %.1f kimg in %s", self.cur_nimg / 1000, run_dir)
         return run_dir
 

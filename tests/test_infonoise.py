@@ -489,3 +489,19 @@ def test_profile_report_plot(tmp_path):
     assert torch.equal(restored.table.cum_mass, sch.table.cum_mass) and restored.num_dims == 64
     out_png = plot_infonoise_profile(tmp_path, tmp_path / "profile.png")
     assert Path(out_png).stat().st_size > 10_000
+
+
+def test_training_with_infonoise_logs_the_profile_and_plots_it(tmp_path):
+    """`python train.py data=binary_digits schedule=infonoise` end to end at a tiny budget: the refreshes are logged
+    as schedule/* records and the run ends with its profile plot."""
+    import json
+
+    from tests.helpers import FAST_TRAIN, run_cli
+
+    run_cli("train.py", f"run_dir={tmp_path}", *FAST_TRAIN, "data=binary_digits", "schedule=infonoise",
+            "schedule.refresh_every=2", "schedule.min_count=1", "schedule.warmup_steps=2")
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    refreshes = [r for r in records if "schedule/area" in r]
+    assert len(refreshes) == 4  # steps 2, 4, 6, 8
+    assert all(r["schedule/area"] > 0 for r in refreshes)
+    assert (tmp_path / "infonoise_profile.png").stat().st_size > 10_000
