@@ -1,5 +1,5 @@
 """Sample-quality metrics (FID, IS, KID, precision/recall) through torch-fidelity, likelihood, FID-vs-training curves,
-and the ``evaluate.py`` CLI.
+the sweep report in the papers' layout, and the ``evaluate.py`` CLI.
 
     python evaluate.py samples=<samples.npz | folder of PNGs> [data=digits]
     python evaluate.py ckpt=<run dir | checkpoint file> [eval.num_samples=2000] [eval.baselines=true]
@@ -7,6 +7,9 @@ and the ``evaluate.py`` CLI.
     python evaluate.py ckpt=<run> eval.metrics=[nll]                                  # bits/dim on the held-out split
     python evaluate.py run_dir=<run or sweep dir> eval.num_samples=10000              # FID vs kimg of every checkpoint
     python evaluate.py ref=true data=cifar10 data.path=<dir> [out=cifar10-32x32.npz] # reference μ, Σ (EDM's format)
+    python evaluate.py report=<sweep dir> [eval.baseline_run=lognormal] [out=<dir>]   # the papers' tables
+    python evaluate.py report=schedules [out=docs/figures]                            # the schedules figure
+    python evaluate.py report=infonoise run_dir=<run or sweep> [out=<dir>]            # InfoNoise profiles
 
 Metric (Heusel et al. 2017; EDM's fid.py, see shared/papers/edm.md §5): features f of each image set are summarised by
 their mean mu and covariance Sigma (unbiased, N - 1), and
@@ -80,6 +83,24 @@ checkpoint and the one before (``eval.target_interpolation``: ``loglinear`` = lo
 or ``none``); the speed-up column is baseline kimg / run kimg of the interpolated value (``none``: of the
 checkpoint value), i.e. ">1: reaches the target with fewer training images than the baseline".
 
+**Report** (``report=<sweep dir>``; a sweep of sweeps or a single run work too): reads every run's ``config.yaml``
+and ``fid_curve.jsonl`` (no model is loaded; run ``run_dir=<sweep>`` first) and writes ``report.md``, ``report.json``
+and ``fid_vs_kimg.png`` into ``<sweep>/report`` (or ``out=``). One table per data config; rows = the settings the
+runs differ in besides the seed, labelled from the configs (``report_rows``: the varied group names such as
+schedule, precond, weighting, then single keys such as ``train.lr``, the fewest that tell the rows apart); the seeds
+of a row are averaged: cells are mean ± sample std (n − 1) over seeds (n). Evaluation variants (curve settings set
+on the ``run_dir=`` command line that differ within a run, e.g. ``sampler.guidance`` or ``eval.num_samples``) get
+their own tables, and columns side by side in the final table. Tables: the metric at every checkpoint's kimg; the
+final value (the last kimg evaluated for every seed), with the metrics of ``eval-*.json`` files in the run (e.g.
+``ckpt=<run> eval=nll``) as extra columns; the images-to-target table on the seed-mean curves (target: the baseline
+row's final value or ``eval.target_fid``; baseline: ``eval.baseline_run`` = a row label, default the row
+``lognormal`` where there is one; crossing as ``kimg_to_reach``), with the same crossing per seed. A run's ``paper:``
+node (experiment presets) adds the published numbers beside the measured ones: ``paper.fid`` (a number, or
+{guidance: FID} matched to the variant's ``sampler.guidance``), ``paper.fid_by_kimg`` beside the kimg columns,
+``paper.speedup_*`` beside the speed-ups. Runs without a curve are an error naming the command to run.
+``eval.num_samples=`` (``seed``, ``seed_repeats``, ``metrics``) and ``sampler.<key>=`` on the report's command line
+keep only the points evaluated with those settings (e.g. ``sampler.guidance=3.0``).
+
 **During training**: ``evaluate_during_training`` (called by train.py on rank 0 every ``eval.every_kimg``) samples
 ``eval.num_samples_during_training`` images and returns ``{"kimg": ..., "eval/<metric>": ...}`` for
 metrics.jsonl / wandb, leaving the global RNG states untouched.
@@ -140,6 +161,13 @@ __all__ = [
     "evaluate_denoiser",
     "run_evaluation",
     "format_table",
+    "find_report_runs",
+    "report_rows",
+    "collect_report",
+    "format_report",
+    "plot_report",
+    "sweep_report",
+    "run_report",
 ]
 
 SAMPLE_METRICS = ("fid", "isc", "kid", "prc")
@@ -1388,9 +1416,11 @@ def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
               for name, es in entries.items()}
     n_samples = int(settings["num_samples"]) if any(m != "nll" for m in _check_metrics(settings["metrics"])) else None
     target = settings.get("target_fid")
+    baseline, note = _curve_baseline(settings.get("baseline_run"), {item["name"]: item["run"] for item in plan}, root)
+    if note:
+        print(note)
     table, summary = target_table(curves, metric=metric, target=None if target is None else float(target),
-                                  baseline=settings.get("baseline_run"), interpolation=interpolation,
-                                  num_samples=n_samples)
+                                  baseline=baseline, interpolation=interpolation, num_samples=n_samples)
     title = f"{metric}" + (f", {n_samples} samples" if n_samples else "") + f" ({root.name})"
     plot = plot_curves(curves, root / "fid_curve.png", metric=metric, title=title, target=summary["target"])
     (root / "fid_curve.md").write_text(table)
@@ -1399,10 +1429,873 @@ def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
     return {"runs": curves, "metric": metric, "table": table, "plot": str(plot), "summary": summary}
 
 
+def _curve_baseline(baseline: str | None, runs: Mapping[str, Path], root: Path) -> tuple[str | None, str | None]:
+    """``eval.baseline_run`` for the per-run table: a run name, or a row label of the report (``lognormal``: the
+    runs whose settings are the log-normal schedule, see ``report_rows``) -> that run if it is the only one, else
+    no baseline (the seeds are averaged by ``evaluate.py report=``). Returns (baseline, note to print)."""
+    if baseline is None or any(n == baseline or n.rsplit("/", 1)[-1] == baseline for n in runs):
+        return baseline, None
+    try:
+        labels, _, _ = report_rows([_run_config(run) for run in runs.values()])
+    except (OSError, ValueError):
+        return baseline, None  # target_table names the runs in its error
+    members = [name for name, label in zip(runs, labels) if label == baseline]
+    if len(members) == 1:
+        return members[0], f"eval.baseline_run={baseline!r}: the run {members[0]}"
+    if members:
+        return None, (f"eval.baseline_run={baseline!r} is the setting of {len(members)} runs (seeds): the per-run "
+                      f"table has no speed-ups; python evaluate.py report={root} averages the seeds and gives them")
+    return baseline, None
+
+
 def _omegaconf(value: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.create(value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report: a sweep's curves as the papers' tables
+# ------------------------------------------------------------------------------------------------------------------
+REPORT_KEYWORDS = ("schedules", "infonoise")
+REPORT_DIR = "report"
+DEFAULT_BASELINE_ROW = "lognormal"  # EDM's schedule: the baseline of the digits sweeps and of InfoNoise's speed-up
+# Top-level config keys that do not change what a run learns, or that are the seed itself: not row settings.
+_NOT_A_SETTING = {"seed", "run_dir", "resume", "device", "dry_run", "paper", "logger", "eval", "data"}
+_NOT_A_TRAIN_SETTING = {"num_workers", "tick_kimg", "snapshot_kimg", "checkpoint_kimg", "keep_checkpoints",
+                        "keep_every_kimg", "grid_seeds", "slurm_requeue", "max_skipped_steps"}
+# The order in which varied config groups name a row (schedule first: the sweeps compare schedules).
+_ASPECT_ORDER = ("schedule", "precond", "weighting", "model", "train", "sampler")
+_ABSENT = "<absent>"
+_SELECTABLE_EVAL_KEYS = ("num_samples", "seed", "seed_repeats", "metrics")
+_EXTRACTOR_SHORT = {DIGITS_EXTRACTOR: "digits-classifier features (not Inception)",
+                    INCEPTION_EXTRACTOR: "Inception-v3 features"}
+
+
+def find_report_runs(root: str | os.PathLike) -> list[Path]:
+    """The run directories at or below ``root``: those holding ``config.yaml`` (not Hydra's ``.hydra/`` copy), a
+    ``fid_curve.jsonl`` or checkpoints."""
+    from models.checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_dir():
+        raise FileNotFoundError(f"report: sweep directory not found: {root}")
+    found: set[Path] = set()
+    for marker in ("config.yaml", CURVE_FILE, CHECKPOINT_DIR):
+        for path in root.rglob(marker):
+            if ".hydra" in path.relative_to(root).parts:
+                continue
+            if marker == CHECKPOINT_DIR and not list_checkpoints(path.parent):
+                continue
+            found.add(path.parent)
+    if not found:
+        raise ValueError(f"report: no runs under {root}: a run directory holds config.yaml and "
+                         f"{CHECKPOINT_DIR}/ (python train.py run_dir=... or -m hydra.sweep.dir=...)")
+    return sorted(found)
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    """A run's resolved config: ``config.yaml``, else the config stored in its newest checkpoint."""
+    from omegaconf import OmegaConf
+
+    from models.checkpoint import list_checkpoints, load_checkpoint
+
+    path = run / "config.yaml"
+    if path.is_file():
+        cfg = OmegaConf.load(path)
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation we cannot resolve here: keep it as written
+            return OmegaConf.to_container(cfg, resolve=False)
+    ckpts = list_checkpoints(run)
+    if ckpts:
+        return _plain(load_checkpoint(ckpts[-1])["config"])
+    raise ValueError(f"report: {run} has neither config.yaml nor a checkpoint to read the run's config from")
+
+
+def _job_num(run: Path) -> int | None:
+    """The run's position in its Hydra multirun (``.hydra/hydra.yaml`` hydra.job.num): the order of the sweep."""
+    path = run / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    match = re.search(r"^\s+num:\s*(\d+)\s*$", path.read_text(), flags=re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, Mapping) and value:
+                out.update(_flatten(value, name))
+            else:
+                out[name] = value
+    return out
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(_jsonable(value), sort_keys=True)
+
+
+def _short(value: Any) -> str:
+    """A config value as a table cell: 0.001 not 0.0010, lists as JSON."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple, Mapping)):
+        return json.dumps(_jsonable(value))
+    return str(value)
+
+
+def _setting_keys(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened config keys that define what a run learns (everything but the seed, paths, logging, ...)."""
+    out = {}
+    for key, value in _flatten(cfg).items():
+        parts = key.split(".")
+        if parts[0] in _NOT_A_SETTING or (parts[0] == "train" and len(parts) > 1 and parts[1] in _NOT_A_TRAIN_SETTING):
+            continue
+        out[key] = value
+    return out
+
+
+def report_rows(configs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, str]], list[str]]:
+    """Row labels of runs that differ in their settings (runs differing only in ``seed`` share a row).
+
+    Returns (label per run, {column: value} per run, the columns). The columns are the fewest varied settings that
+    tell the rows apart, chosen in order: the ``name`` of a varied group (schedule, precond, weighting, model, ...),
+    then single keys (``train.lr``, ``schedule.p_mean``); a setting that splits no row further is left out (e.g. the
+    sampler's ``t_max`` that comes with the Laplace schedule). A single row is labelled by its schedule.
+    """
+    flats = [{k: _canon(v) for k, v in _setting_keys(cfg).items()} for cfg in configs]
+    raws = [_setting_keys(cfg) for cfg in configs]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    varied = [k for k in keys if len({flat.get(k, _ABSENT) for flat in flats}) > 1]
+    n_rows = len({tuple(flat.get(k, _ABSENT) for k in varied) for flat in flats})
+
+    def rank(key: str) -> tuple[int, str]:
+        group = key.split(".")[0]
+        return (_ASPECT_ORDER.index(group) if group in _ASPECT_ORDER else len(_ASPECT_ORDER), group)
+
+    groups = sorted({k.split(".")[0] for k in varied if k.count(".") == 1 and k.endswith(".name")}, key=rank)
+    candidates = [f"{g}.name" for g in groups] + sorted((k for k in varied if k not in {f"{g}.name" for g in groups}),
+                                                        key=rank)
+    chosen: list[str] = []
+    current: list[tuple[str, ...]] = [()] * len(flats)
+    for key in candidates:
+        if len(set(current)) == n_rows:
+            break
+        refined = [c + (flat.get(key, _ABSENT),) for c, flat in zip(current, flats)]
+        if len(set(refined)) > len(set(current)):
+            chosen.append(key)
+            current = refined
+    if not chosen:
+        chosen = ["schedule.name"] if any("schedule.name" in raw for raw in raws) else []
+    columns = [k[: -len(".name")] if k.endswith(".name") and k.count(".") == 1 else k for k in chosen]
+    labels, aspects = [], []
+    for raw in raws:
+        cells = {col: (_short(raw[key]) if key in raw else "—") for col, key in zip(columns, chosen)}
+        parts = [(value if key.endswith(".name") and key.count(".") == 1 else f"{key}={value}")
+                 for key, value in zip(chosen, cells.values()) if key in raw]
+        labels.append("/".join(parts) or "run")
+        aspects.append(cells)
+    return labels, aspects, columns
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n − 1; None for one value) over seeds."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None, "n": len(arr),
+            "values": [float(v) for v in arr]}
+
+
+def _decimals(value: float) -> int:
+    a = abs(value)
+    if a >= 100:
+        return 1
+    if a >= 1 or a == 0:
+        return 2
+    return min(6, 2 - math.floor(math.log10(a)))
+
+
+def _fmt_stat(stat: Mapping[str, Any] | None, bold: bool = False) -> str:
+    """``mean ± std (n)``, or ``mean (1)`` for a single seed; ``—`` when missing."""
+    if not stat:
+        return "—"
+    d = _decimals(stat["mean"])
+    text = f"{stat['mean']:.{d}f}"
+    text = f"**{text}**" if bold else text
+    if stat["std"] is not None:
+        text += f" ± {stat['std']:.{d}f}"
+    return text + f" ({stat['n']})"
+
+
+def _fmt_paper(value: float | None) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
+def _num_eq(a: Any, b: Any) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+def _paper_final(paper: Mapping[str, Any] | None, guidance: Any) -> float | None:
+    """The published final FID of a row at the variant's guidance (``paper.fid``: a number or {guidance: fid})."""
+    if not paper or paper.get("fid") is None:
+        return None
+    fid = paper["fid"]
+    if isinstance(fid, Mapping):
+        return next((float(v) for k, v in fid.items() if _num_eq(k, guidance) and v is not None), None)
+    return float(fid)
+
+
+def _paper_by_kimg(paper: Mapping[str, Any] | None, guidance: Any) -> dict[float, float]:
+    """``paper.fid_by_kimg`` ({kimg: fid}), if the paper's guidance list (when given) holds the variant's."""
+    if not paper or not paper.get("fid_by_kimg"):
+        return {}
+    listed = paper.get("guidance")
+    if listed and not any(_num_eq(g, guidance) for g in listed):
+        return {}
+    return {float(k): float(v) for k, v in paper["fid_by_kimg"].items() if v is not None}
+
+
+def _paper_speedups(paper: Mapping[str, Any] | None) -> str | None:
+    if not paper:
+        return None
+    items = [f"{float(v):g}x" + (f" vs {k[len('speedup_vs_'):]}" if k.startswith("speedup_vs_") else "")
+             for k, v in paper.items() if str(k).startswith("speedup") and v is not None]
+    return ", ".join(items) or None
+
+
+def _sampler_nfe(sampler: Mapping[str, Any]) -> str:
+    """Network evaluations per image of a sampler config (Heun 2N − 1, the others N; guidance doubles them)."""
+    steps = int(sampler.get("num_steps") or 0)
+    base = 2 * steps - 1 if sampler.get("name") == "heun" else steps
+    guided = sampler.get("guidance") not in (None, 1, 1.0)
+    if not guided:
+        return str(base)
+    if sampler.get("guidance_interval"):
+        return f"≤ {2 * base} (guidance interval)"
+    return str(2 * base)
+
+
+def _unique(values: Sequence[Any]) -> str:
+    items = list(dict.fromkeys(_short(v) for v in values if v is not None))
+    return items[0] if len(items) == 1 else ("varies: " + ", ".join(items) if items else "?")
+
+
+def _setup_line(configs: Sequence[Mapping[str, Any]], settings: Sequence[Mapping[str, Any]],
+                seeds_per_row: Sequence[int], metric: str = "fid") -> str:
+    """One line naming the data, model, budget, sampler (NFE), samples per point and feature extractor of a table;
+    ``settings``: the curve settings of the table's evaluation variants (what differs is listed as ``varies``)."""
+    data = configs[0].get("data", {})
+    data_text = f"{data.get('name')} {data.get('resolution')}x{data.get('resolution')}x{data.get('channels')}"
+    data_text += ", class-conditional" if data.get("cond") else ", unconditional"
+    data_text += ", binarized" if data.get("binarize") else ""
+    models = _unique([c.get("model", {}).get("name") for c in configs])
+    train = [c.get("train", {}) for c in configs]
+    budget = (f"{_unique([t.get('total_kimg') for t in train])} kimg, batch {_unique([t.get('batch') for t in train])}"
+              f", lr {_unique([t.get('lr') for t in train])}")
+    samplers = [s.get("sampler") or {} for s in settings]
+    sampler_text = (f"{_unique([s.get('name') for s in samplers])}, {_unique([s.get('num_steps') for s in samplers])} "
+                    f"steps, {_unique([_sampler_nfe(s) for s in samplers])} NFE")
+    guidance = [s.get("guidance") for s in samplers if s.get("guidance") not in (None, 1, 1.0)]
+    if guidance:
+        sampler_text += f", guidance {_unique(guidance)}"
+    metric_text = f"{_unique([s.get('num_samples') for s in settings])} samples per point"
+    repeats = [int(s.get("seed_repeats") or 1) for s in settings]
+    if max(repeats) > 1:
+        metric_text += f" (best of {_unique(repeats)} seed ranges)"
+    extractors = [_EXTRACTOR_SHORT.get(s["feature_extractor"], s["feature_extractor"]) for s in settings
+                  if s.get("feature_extractor")]
+    if extractors:
+        metric_text += f", {_unique(extractors)}"
+    refs = [str(s.get("reference") or "") for s in settings]
+    metric_text += ", against " + _unique([r.split(":")[1] if r.startswith("stats:") else "the training split"
+                                           for r in refs])
+    seed_text = "-".join(str(n) for n in sorted({min(seeds_per_row), max(seeds_per_row)})) if seeds_per_row else "?"
+    name = "FID" if metric.startswith("fid_") else f"`{metric}`"
+    return (f"Setup: data {data_text}; model {models}; budget {budget}; sampler {sampler_text}; {name}: "
+            f"{metric_text}; {seed_text} seed(s) per row.")
+
+
+def _variant_of(entry: Mapping[str, Any], run_sampler: Mapping[str, Any]) -> tuple[str, dict, dict]:
+    """(id, settings without the sampler, sampler keys set differently from the run's own sampler config)."""
+    settings = dict(entry.get("settings") or {})
+    sampler = settings.pop("sampler", None) or {}
+    override = {k: v for k, v in sampler.items() if run_sampler.get(k, _ABSENT) != v}
+    return _canon({"settings": settings, "sampler": override}), settings, override
+
+
+def _sort_value(value: Any) -> tuple[int, Any]:
+    try:
+        return (0, float(value))
+    except (TypeError, ValueError):
+        return (1, str(value))
+
+
+def _variant_labels(variants: Mapping[str, dict]) -> dict[str, str]:
+    """A label per evaluation variant: the settings that differ between the variants (``guidance=1.5``)."""
+    if len(variants) < 2:
+        return {vid: "" for vid in variants}
+    override_keys = sorted({k for v in variants.values() for k in v["override"]})
+    flats = {}
+    for vid, v in variants.items():
+        flat = _flatten({k: val for k, val in v["settings"].items()})
+        flat.update({f"sampler.{k}": v["sampler"].get(k) for k in override_keys})
+        flats[vid] = {k: _canon(val) for k, val in flat.items()}
+    keys = list(dict.fromkeys(k for f in flats.values() for k in f))
+    varied = [k for k in keys if len({f.get(k, _ABSENT) for f in flats.values()}) > 1]
+    labels = {}
+    for vid, flat in flats.items():
+        parts = [f"{k.removeprefix('sampler.')}={_short(json.loads(flat[k]))}" for k in varied if k in flat]
+        labels[vid] = ", ".join(parts) or f"settings {_short_hash(vid)}"
+    return labels
+
+
+def collect_report(root: str | os.PathLike, eval_cfg: Any = None,
+                   select: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every number of the report of a sweep (or a sweep of sweeps, or one run), without writing anything.
+
+    Runs are grouped into tables by their ``data`` config, and within a table into rows by their settings
+    (``report_rows``; the seeds of a setting are averaged). Each run's ``fid_curve.jsonl`` entries are split into
+    evaluation variants (settings of ``evaluate.py run_dir=`` such as the number of samples or the guidance scale).
+    ``eval_cfg`` keys used: ``curve_metric``, ``target_fid``, ``target_interpolation``, ``baseline_run`` (a row
+    label; default: the row labelled ``lognormal`` where there is one). ``select`` keeps only the curve points
+    evaluated with these settings (``{"num_samples": 1000, "sampler.guidance": 3.0}``; the CLI passes the ``eval.`` /
+    ``sampler.`` keys set on its command line).
+    """
+    from models.checkpoint import list_checkpoints
+
+    settings = _eval_settings(eval_cfg)
+    interpolation = str(settings["target_interpolation"])
+    if interpolation not in TARGET_INTERPOLATIONS:
+        raise ValueError(f"unknown eval.target_interpolation {interpolation!r}; valid: "
+                         f"{', '.join(TARGET_INTERPOLATIONS)}")
+    root = Path(os.path.expanduser(str(root)))
+    runs = find_report_runs(root)
+    curves = {run: read_curve(run) for run in runs}
+    missing = [run for run in runs if not curves[run]]
+    if missing:
+        names = ", ".join(_run_name(r, root) for r in missing[:3]) + (f" and {len(missing) - 3} more"
+                                                                       if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"report: {len(missing)} of {len(runs)} runs under {root} have no FID curve ({CURVE_FILE}): {names}. "
+            f"Evaluate their checkpoints first: python evaluate.py run_dir={root} eval.num_samples=<N> — then run "
+            f"python evaluate.py report={root} again")
+    configs = {run: _run_config(run) for run in runs}
+    notes: list[str] = []
+
+    by_data: dict[str, list[Path]] = {}
+    for run in runs:
+        by_data.setdefault(_canon(configs[run].get("data")), []).append(run)
+    names = {key: str(configs[members[0]].get("data", {}).get("name")) for key, members in by_data.items()}
+    titles = dict(names)
+    for key in by_data:
+        same = [k for k in by_data if names[k] == names[key]]
+        if len(same) > 1:  # two data configs of one name: say how they differ
+            flats = {k: _flatten(configs[by_data[k][0]].get("data")) for k in same}
+            diff = [f"{dk}={_short(v)}" for dk, v in flats[key].items()
+                    if len({_canon(f.get(dk)) for f in flats.values()}) > 1]
+            titles[key] = f"{names[key]} ({', '.join(diff)})"
+
+    baseline_wanted = settings.get("baseline_run")
+    tables = []
+    for data_key, members in by_data.items():
+        labels, aspects, columns = report_rows([configs[r] for r in members])
+        rows: dict[str, dict[str, Any]] = {}
+        for run, label, cells in zip(members, labels, aspects):
+            row = rows.setdefault(label, {"label": label, "aspects": cells, "runs": [], "order": math.inf,
+                                          "paper": configs[run].get("paper")})
+            seed = configs[run].get("seed")
+            row["runs"].append({"dir": str(run), "name": _run_name(run, root), "seed": seed})
+            job = _job_num(run)
+            row["order"] = min(row["order"], job if job is not None else math.inf)
+        for row in rows.values():
+            seeds = [r["seed"] for r in row["runs"]]
+            if len(set(map(str, seeds))) < len(seeds):
+                notes.append(f"{titles[data_key]} / {row['label']}: several runs share a seed ({_short(seeds)}); "
+                             "each is counted")
+        order = sorted(rows, key=lambda lab: (rows[lab]["order"], lab))
+        baseline = baseline_wanted if baseline_wanted is not None else (
+            DEFAULT_BASELINE_ROW if DEFAULT_BASELINE_ROW in rows else None)
+        if baseline is not None and baseline not in rows:
+            notes.append(f"{titles[data_key]}: baseline row {baseline!r} not in this table (rows: {', '.join(order)})"
+                         "; no speed-ups")
+            baseline = None
+        label_of = dict(zip(members, labels))
+
+        # Evaluation variants and every run's points in each.
+        variants: dict[str, dict[str, Any]] = {}
+        for run in members:
+            run_sampler = _jsonable(configs[run].get("sampler") or {})
+            for entry in curves[run]:
+                if select and not _entry_matches(entry, select):
+                    continue
+                vid, vsettings, override = _variant_of(entry, run_sampler)
+                variant = variants.setdefault(vid, {"settings": vsettings, "override": override,
+                                                    "sampler": (entry.get("settings") or {}).get("sampler") or {},
+                                                    "points": {}, "metrics": {}})
+                variant["points"].setdefault(run, {})[float(entry["kimg"])] = entry.get("metrics") or {}
+                for k in entry.get("metrics") or {}:
+                    variant["metrics"][k] = None
+        if not variants:
+            evaluated = sorted({_short((e.get("settings") or {}).get("num_samples"))
+                                for r in members for e in curves[r]})
+            raise ValueError(f"report: no curve points of {titles[data_key]} were evaluated with "
+                             f"{', '.join(f'{k}={_short(v)}' for k, v in (select or {}).items())} (num_samples "
+                             f"evaluated: {', '.join(evaluated)}); drop the setting or evaluate with it first")
+        vlabels = _variant_labels(variants)
+        table_variants = []
+        for vid in sorted(variants, key=lambda v: tuple(_sort_value(p.split("=", 1)[-1])
+                                                         for p in vlabels[v].split(", "))):
+            variant = variants[vid]
+            available = list(variant["metrics"])
+            metric = settings.get("curve_metric") or _primary_key(dict.fromkeys(available, 0.0))[0]
+            if metric not in available:
+                raise ValueError(f"eval.curve_metric={metric!r} is not among the evaluated metrics: "
+                                 f"{', '.join(available)}")
+            lower_better = not metric.startswith("isc_")
+            n_ckpts = {run: len(list_checkpoints(run)) for run in variant["points"]}
+            for run, pts in variant["points"].items():
+                if n_ckpts[run] > len(pts):
+                    notes.append(f"{_run_name(run, root)}: the curve{' (' + vlabels[vid] + ')' if vlabels[vid] else ''}"
+                                 f" covers {len(pts)} of its {n_ckpts[run]} checkpoints (python evaluate.py "
+                                 f"run_dir={root} with the same eval settings evaluates the rest)")
+            seed_curves: dict[str, list[tuple[dict, dict[float, float]]]] = {lab: [] for lab in order}
+            for run, pts in variant["points"].items():
+                curve = {k: float(m[metric]) for k, m in pts.items() if metric in m}
+                bad = sorted(k for k, v in curve.items() if not math.isfinite(v))
+                if bad:
+                    notes.append(f"{_run_name(run, root)}: non-finite {metric} at kimg {', '.join(map(_short, bad))}"
+                                 " (left out)")
+                    curve = {k: v for k, v in curve.items() if math.isfinite(v)}
+                if curve:
+                    info = next(r for r in rows[label_of[run]]["runs"] if r["dir"] == str(run))
+                    seed_curves[label_of[run]].append((info, curve))
+            guidance = variant["sampler"].get("guidance", 1.0)
+            kimgs = sorted({k for lab in order for _, c in seed_curves[lab] for k in c})
+            paper_kimg = {lab: _paper_by_kimg(rows[lab]["paper"], guidance) for lab in order}
+            vrows = {}
+            for lab in order:
+                sc = seed_curves[lab]
+                if not sc:
+                    continue
+                cells = {}
+                for k in sorted({k for _, c in sc for k in c}):
+                    have = [(info, c[k]) for info, c in sc if k in c]
+                    cells[k] = {**_stats([v for _, v in have]), "seeds": [info["seed"] for info, _ in have]}
+                complete = [k for k in sorted(cells) if cells[k]["n"] == len(sc)]
+                last_seen = {max(c) for _, c in sc}
+                if complete and len(last_seen) > 1:
+                    notes.append(f"{titles[data_key]} / {lab}: the seeds' curves end at different kimg "
+                                 f"({', '.join(_short(k) for k in sorted(last_seen))}); final = {_short(complete[-1])}"
+                                 " kimg, the last point evaluated for every seed")
+                vrows[lab] = {"cells": cells, "mean_curve": [(k, cells[k]["mean"]) for k in complete],
+                              "final_kimg": complete[-1] if complete else None,
+                              "final": cells[complete[-1]] if complete else None,
+                              "paper_final": _paper_final(rows[lab]["paper"], guidance),
+                              "paper_by_kimg": paper_kimg[lab], "seed_curves": sc}
+            mean_curves = {lab: r["mean_curve"] for lab, r in vrows.items() if r["mean_curve"]}
+            target_summary = None
+            if mean_curves:
+                base = baseline if baseline in mean_curves else None
+                target = settings.get("target_fid")
+                _, target_summary = target_table(mean_curves, metric=metric,
+                                                 target=None if target is None else float(target), baseline=base,
+                                                 interpolation=interpolation)
+                for lab, r in vrows.items():
+                    tr = target_summary["rows"].get(lab)
+                    per_seed = [kimg_to_reach(sorted(c.items()), target_summary["target"], interpolation)[1]
+                                for _, c in r["seed_curves"]]
+                    reached = [k for k in per_seed if k is not None]
+                    r["target"] = {**(tr or {}), "per_seed_kimg": per_seed,
+                                   "per_seed": _stats(reached) if reached else None, "reached": len(reached),
+                                   "paper_speedup": _paper_speedups(rows[lab]["paper"])}
+            table_variants.append({
+                "id": vid, "label": vlabels[vid], "metric": metric, "lower_is_better": lower_better,
+                "settings": {**variant["settings"], "sampler": variant["sampler"]}, "guidance": guidance,
+                "kimg": kimgs, "rows": vrows, "target": target_summary,
+                "setup": _setup_line([configs[r] for r in members],
+                                     [{**variant["settings"], "sampler": variant["sampler"]}],
+                                     [len(vrows[lab]["seed_curves"]) for lab in vrows], metric),
+            })
+        all_settings = [v["settings"] for v in table_variants]
+        final_setup = _setup_line([configs[r] for r in members], all_settings,
+                                  [len(r["seed_curves"]) for v in table_variants for r in v["rows"].values()],
+                                  table_variants[0]["metric"] if table_variants else "fid")
+
+        extras = _extra_metrics(members, label_of, root, notes)
+        batches = {configs[r].get("train", {}).get("batch") for r in members}
+        tables.append({"title": titles[data_key], "data": configs[members[0]].get("data"), "columns": columns,
+                       "rows": {lab: {k: v for k, v in rows[lab].items() if k != "order"} for lab in order},
+                       "order": order, "baseline": baseline, "variants": table_variants, "extras": extras,
+                       "setup": final_setup,
+                       "batch": batches.pop() if len(batches) == 1 else None})
+    if baseline_wanted is not None and all(t["baseline"] is None for t in tables):
+        rows_text = "; ".join(f"{t['title']}: {', '.join(t['order'])}" for t in tables)
+        raise ValueError(f"eval.baseline_run={baseline_wanted!r} names no row of the report; rows: {rows_text}")
+    return {"root": str(root), "tables": tables, "notes": list(dict.fromkeys(notes)),
+            "target_fid": settings.get("target_fid"), "interpolation": interpolation,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _extra_metrics(members: Sequence[Path], label_of: Mapping[Path, str], root: Path,
+                   notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Final metrics of ``evaluate.py ckpt=<run> ...`` (``eval-*.json`` in a run or its checkpoints/): per column
+    ``<metric> (<file stem>)`` and row, their mean ± std over the row's runs."""
+    from models.checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in members:
+        files = sorted(run.glob("eval-*.json")) + sorted((run / CHECKPOINT_DIR).glob("eval-*.json"))
+        ckpts = list_checkpoints(run)
+        newest = ckpts[-1].stat().st_mtime if ckpts else None
+        for path in files:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                notes.append(f"{path}: not readable JSON; skipped")
+                continue
+            metrics = record.get("metrics") if isinstance(record, Mapping) else None
+            if not isinstance(metrics, Mapping):
+                continue
+            shown = path.relative_to(root) if path.is_relative_to(root) else path
+            evaluated = re.search(r"checkpoint-(\d+)\.pt$", str(record.get("ckpt", "")))
+            if evaluated and ckpts and ckpts[-1].name != Path(evaluated.group(0)).name:
+                notes.append(f"{shown}: evaluates {evaluated.group(0)}, not the run's newest checkpoint "
+                             f"{ckpts[-1].name}")
+            elif not evaluated and newest is not None and path.stat().st_mtime < newest:
+                notes.append(f"{shown}: written before the run's newest checkpoint (it may describe an earlier one)")
+            for key, value in metrics.items():
+                if key.endswith(("_sem", "_std")) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    continue
+                column = f"{key} ({path.stem})"
+                values.setdefault(column, {}).setdefault(label_of[run], []).append(float(value))
+    return {col: {lab: _stats(v) for lab, v in per_row.items()} for col, per_row in values.items()}
+
+
+def _kimg_header(kimg: float, batch: int | None) -> str:
+    text = f"{kimg:g} kimg"
+    if batch:
+        iters = kimg * 1000 / batch
+        if abs(iters - round(iters)) < 1e-6 and iters >= 1000:
+            text += f" ({round(iters) / 1000:g}K it)"
+    return text
+
+
+def _best(values: Mapping[str, float | None], lower: bool) -> set[str]:
+    """The rows holding the best value of a column (all of them on a tie; none when fewer than two values)."""
+    present = {k: v for k, v in values.items() if v is not None}
+    if len(present) < 2:
+        return set()
+    best = (min if lower else max)(present.values())
+    return {k for k, v in present.items() if v == best}
+
+
+def format_report(report: Mapping[str, Any], plot_name: str | None = "fid_vs_kimg.png") -> str:
+    """The Markdown of ``collect_report``'s numbers: per table the metric-vs-kimg table, the final table and the
+    images-to-target table, in the papers' layout (rows = settings, published numbers in adjacent columns)."""
+    root = Path(report["root"])
+    any_paper = any(row.get("paper") for t in report["tables"] for row in t["rows"].values())
+    lines = [f"# Report: {root.name}", "",
+             f"Sweep `{root}`, {report['time']}. Cells: mean ± sample standard deviation (n − 1) over seeds, with the "
+             "number of seeds in parentheses; the best mean per column in bold."
+             + (" Paper columns: the published numbers of the preset (the runs' `paper:` config) — comparable only "
+                "at the paper's protocol and budget." if any_paper else ""), ""]
+    if plot_name:
+        lines += [f"![metric vs training kimg]({plot_name})", ""]
+    for table in report["tables"]:
+        lines += [f"## {table['title']}", ""]
+        columns = table["columns"] or ["row"]
+        for variant in table["variants"]:
+            lower = variant["lower_is_better"]
+            vrows = variant["rows"]
+            suffix = f" — {variant['label']}" if variant["label"] else ""
+            metric = variant["metric"]
+            head = [f"### `{metric}` vs training kimg{suffix}", "", variant["setup"], ""]
+            # Metric vs kimg, paper numbers (fid_by_kimg) beside their kimg.
+            paper_kimgs = sorted({k for r in vrows.values() for k in r["paper_by_kimg"]})
+            kimgs = sorted(set(variant["kimg"]) | set(paper_kimgs))
+            header = list(columns)
+            for k in kimgs:
+                header.append(_kimg_header(k, table["batch"]))
+                if k in paper_kimgs:
+                    header.append("paper")
+            body = []
+            bests = {k: _best({lab: (r["cells"][k]["mean"] if k in r["cells"] else None) for lab, r in vrows.items()},
+                              lower) for k in kimgs}
+            for lab, r in vrows.items():
+                cells = [table["rows"][lab]["aspects"].get(c, lab) for c in columns] if table["columns"] else [lab]
+                for k in kimgs:
+                    cells.append(_fmt_stat(r["cells"].get(k), bold=lab in bests[k]))
+                    if k in paper_kimgs:
+                        cells.append(_fmt_paper(r["paper_by_kimg"].get(k)))
+                body.append(cells)
+            lines += head + _md_table(header, body) + [""]
+
+        # Final values: one column (and its paper column) per variant, then the eval-*.json metrics.
+        lines += ["### Final", "", table["setup"], ""]
+        header = list(columns) + ["final kimg"]
+        has_paper = [any(r["paper_final"] is not None for r in v["rows"].values()) for v in table["variants"]]
+        for variant, paper in zip(table["variants"], has_paper):
+            name = f"`{variant['metric']}`" + (f" ({variant['label']})" if variant["label"] else "")
+            header.append(name)
+            if paper:
+                header.append("paper")
+        extra_cols = list(table["extras"])
+        header += extra_cols
+        body = []
+        for lab in table["order"]:
+            cells = [table["rows"][lab]["aspects"].get(c, lab) for c in columns] if table["columns"] else [lab]
+            finals = [v["rows"].get(lab, {}).get("final_kimg") for v in table["variants"]]
+            cells.append(" / ".join(dict.fromkeys(_short(k) for k in finals if k is not None)) or "—")
+            for variant, paper in zip(table["variants"], has_paper):
+                r = variant["rows"].get(lab)
+                best = _best({lb: (vr["final"]["mean"] if vr["final"] else None)
+                              for lb, vr in variant["rows"].items()}, variant["lower_is_better"])
+                cells.append(_fmt_stat(r["final"] if r else None, bold=lab in best))
+                if paper:
+                    cells.append(_fmt_paper(r["paper_final"] if r else None))
+            for col in extra_cols:
+                cells.append(_fmt_stat(table["extras"][col].get(lab)))
+            body.append(cells)
+        lines += _md_table(header, body) + [""]
+        sources = list(dict.fromkeys(str(table["rows"][lab]["paper"]["source"]) for lab in table["order"]
+                                     if table["rows"][lab]["paper"] and table["rows"][lab]["paper"].get("source")))
+        if sources:
+            lines += ["Paper numbers: " + _join_sources(sources) + ".", ""]
+
+        # Training images to reach the target.
+        for variant in table["variants"]:
+            summary = variant["target"]
+            if summary is None:
+                continue
+            suffix = f" — {variant['label']}" if variant["label"] else ""
+            base = summary["baseline"]
+            how = {"loglinear": "log value linear in kimg between checkpoints", "linear": "linear between checkpoints",
+                   "none": "first checkpoint at or below it"}[summary["interpolation"]]
+            source = ("eval.target_fid" if report["target_fid"] is not None else
+                      f"the final seed-mean value of the baseline row '{base}'" if base else
+                      "the largest of the rows' best seed-mean values (every row reaches it)")
+            lines += [f"### Training images to reach `{variant['metric']}` ≤ {summary['target']:.4g}{suffix}", "",
+                      variant["setup"], "",
+                      f"Target {summary['target']:.4g}: {source}. kimg at which the seed-mean curve "
+                      f"first reaches it ({how}; '≤': already at the first checkpoint); per seed: the same for each "
+                      "seed's curve, mean ± std over the seeds that reach it (reached/n). Speed-up: baseline kimg / "
+                      "row kimg" + (f" (baseline: {base})." if base else " (no baseline row: set "
+                                    "eval.baseline_run=<row label>)."), ""]
+            paper_col = any(r.get("target", {}).get("paper_speedup") for r in variant["rows"].values())
+            header = list(columns) + ["final kimg", "final (seed mean)", "kimg to target", "per seed",
+                                      "speed-up"] + (["paper speed-up"] if paper_col else [])
+            body = []
+            for lab, r in variant["rows"].items():
+                t = r.get("target") or {}
+                cells = [table["rows"][lab]["aspects"].get(c, lab) for c in columns] if table["columns"] else [lab]
+                cells[0] = cells[0] + (" (baseline)" if lab == base else "")
+                kimg = t.get("kimg")
+                reach = "not reached" if kimg is None else (("≤ " if t.get("at_first_checkpoint") else "") +
+                                                            _fmt_kimg(kimg))
+                per_seed = t.get("per_seed")
+                per_seed_text = "—" if per_seed is None else _fmt_stat(per_seed).rsplit(" (", 1)[0]
+                per_seed_text += f" ({t.get('reached', 0)}/{len(t.get('per_seed_kimg', []))})"
+                speed = f"{t['speedup']:.2f}x" if t.get("speedup") else "—"
+                cells += [_short(r["final_kimg"]) if r["final_kimg"] is not None else "—",
+                          f"{r['final']['mean']:.4g}" if r["final"] else "—", reach, per_seed_text, speed]
+                if paper_col:
+                    cells.append(t.get("paper_speedup") or "—")
+                body.append(cells)
+            lines += _md_table(header, body) + [""]
+    if report["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _join_sources(sources: Sequence[str]) -> str:
+    """``A, row "x"; A, row "y"`` -> ``A, rows "x", "y"`` (the presets' ``paper.source`` strings)."""
+    parts = [src.rsplit(", row ", 1) for src in sources]
+    if len(sources) > 1 and all(len(p) == 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        return f"{parts[0][0]}, rows " + ", ".join(p[1] for p in parts)
+    return "; ".join(sources)
+
+
+def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    esc = [[str(c).replace("|", "\\|") for c in row] for row in [header, *body]]
+    return ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
+                                                                           for r in esc[1:]]
+
+
+def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Seed-mean metric vs kimg, one line per row, ±1 std shaded, log y: one panel per table and variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, v) for t in report["tables"] for v in t["variants"]]
+    ncols = min(2, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.6 * nrows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, (table, variant) in zip(axes.flat, panels):
+        positive = True
+        for i, (lab, r) in enumerate(variant["rows"].items()):
+            if not r["mean_curve"]:
+                continue
+            kimg = np.array([k for k, _ in r["mean_curve"]])
+            mean = np.array([r["cells"][k]["mean"] for k in kimg])
+            std = np.array([r["cells"][k]["std"] or 0.0 for k in kimg])
+            n = max(r["cells"][k]["n"] for k in kimg)
+            color = cmap(i % 10)
+            style = "-" if i < 10 else "--"
+            name = f"{lab} (n={n})" + (" — baseline" if lab == table["baseline"] else "")
+            ax.plot(kimg, mean, style, marker="o", markersize=3, color=color, label=name)
+            if n > 1:
+                lo = mean - std
+                ax.fill_between(kimg, np.where(lo > 0, lo, mean * 0.5), mean + std, color=color, alpha=0.15,
+                                linewidth=0)
+            positive = positive and bool((mean > 0).all())
+        if variant["target"] is not None:
+            ax.axhline(variant["target"]["target"], color="gray", linestyle=":", linewidth=1,
+                       label=f"target {variant['target']['target']:.4g}")
+        if positive:
+            from matplotlib.ticker import LogFormatter
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_xlabel("training images (kimg)")
+        ax.set_ylabel(variant["metric"])
+        ax.set_title(f"{table['title']}" + (f" — {variant['label']}" if variant["label"] else "")
+                     + f" ({variant['settings'].get('num_samples')} samples per point)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _report_json(report: Mapping[str, Any]) -> dict[str, Any]:
+    """``collect_report``'s numbers in JSON form (kimg keys as lists of points)."""
+    tables = []
+    for table in report["tables"]:
+        variants = []
+        for v in table["variants"]:
+            rows = {}
+            for lab, r in v["rows"].items():
+                rows[lab] = {
+                    "points": [{"kimg": k, **c} for k, c in r["cells"].items()],
+                    "mean_curve": [{"kimg": k, "mean": m} for k, m in r["mean_curve"]],
+                    "final_kimg": r["final_kimg"], "final": r["final"], "paper_final": r["paper_final"],
+                    "paper_by_kimg": [{"kimg": k, "value": p} for k, p in sorted(r["paper_by_kimg"].items())],
+                    "target": r.get("target"),
+                    "seeds": [{"seed": info["seed"], "run": info["name"],
+                               "curve": [{"kimg": k, "value": c[k]} for k in sorted(c)]}
+                              for info, c in r["seed_curves"]],
+                }
+            variants.append({"label": v["label"], "metric": v["metric"], "lower_is_better": v["lower_is_better"],
+                             "settings": v["settings"], "setup": v["setup"], "kimg": v["kimg"], "rows": rows,
+                             "target": v["target"] and {k: val for k, val in v["target"].items() if k != "rows"}})
+        tables.append({"title": table["title"], "data": table["data"], "columns": table["columns"],
+                       "baseline": table["baseline"], "setup": table["setup"],
+                       "rows": [{"label": lab, **{k: val for k, val in table["rows"][lab].items() if k != "label"}}
+                                for lab in table["order"]],
+                       "variants": variants, "extra_metrics": table["extras"]})
+    return {"root": report["root"], "time": report["time"], "interpolation": report["interpolation"],
+            "target_fid": report["target_fid"], "tables": tables, "notes": report["notes"]}
+
+
+def sweep_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None, eval_cfg: Any = None,
+                 select: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``evaluate.py report=<sweep dir>``: write ``report.md``, ``report.json`` and ``fid_vs_kimg.png`` into
+    ``out_dir`` (default ``<root>/report``); returns ``collect_report``'s numbers with ``files`` and ``markdown``."""
+    report = collect_report(root, eval_cfg, select)
+    out = Path(os.path.expanduser(str(out_dir))) if out_dir else Path(report["root"]) / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    plot = plot_report(report, out / "fid_vs_kimg.png")
+    markdown = format_report(report, plot.name)
+    (out / "report.md").write_text(markdown)
+    (out / "report.json").write_text(json.dumps(_jsonable(_report_json(report)), indent=1, allow_nan=False) + "\n")
+    files = {"markdown": out / "report.md", "json": out / "report.json", "plot": plot}
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return {**report, "markdown": markdown, "files": {k: str(v) for k, v in files.items()}}
+
+
+def _infonoise_reports(run_dir: Path, out: str | None) -> dict[str, Any]:
+    """``report=infonoise run_dir=<run or sweep>``: the InfoNoise profile figure of every InfoNoise run."""
+    from diffusion.schedules.infonoise_report import plot_infonoise_profile
+
+    runs = [r for r in find_report_runs(run_dir)
+            if (_run_config(r).get("schedule") or {}).get("name") == "infonoise"]
+    if not runs:
+        raise ValueError(f"report=infonoise: no InfoNoise run (schedule=infonoise) at or below {run_dir}")
+    written = []
+    for run in runs:
+        if out is None:
+            target = None
+        elif len(runs) == 1 and str(out).endswith(".png"):
+            target = Path(out)
+        else:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            target = Path(out) / f"infonoise_profile-{_safe_name(_run_name(run, run_dir))}.png"
+        written.append(str(plot_infonoise_profile(run, target)))
+        print(f"wrote {written[-1]}")
+    return {"report": "infonoise", "files": written}
+
+
+def run_report(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -> dict[str, Any]:
+    """The CLI's ``report=``: ``<sweep dir>`` (tables), ``schedules`` (the schedules figure) or ``infonoise``
+    (with ``run_dir=``: InfoNoise profiles). ``out=``: the output directory (or .png for one InfoNoise run)."""
+    if dist_info is not None and dist_info.rank != 0:
+        return {}
+    what = str(cfg.report)
+    others = sorted(k for k, on in _modes(cfg).items() if on and k != "report")
+    out = cfg.get("out")
+    if what == "infonoise":
+        if cfg.get("run_dir") is None or others != ["run_dir"]:
+            raise ValueError("report=infonoise needs run_dir=<InfoNoise run or sweep dir> and none of samples=, "
+                             f"ckpt=, ref= (got {', '.join(others) or 'no run_dir'})")
+        return _infonoise_reports(Path(os.path.expanduser(str(cfg.run_dir))), None if out is None else str(out))
+    if others:
+        raise ValueError(f"report={what} is a mode of its own: drop {', '.join(others)}= (run_dir= goes only with "
+                         "report=infonoise; the sweep report reads the curves `evaluate.py run_dir=<sweep>` wrote)")
+    if what == "schedules":
+        from diffusion.schedules.figure import write_schedule_report
+
+        paths = write_schedule_report(Path(str(out)) if out else Path("docs") / "figures")
+        print("wrote " + ", ".join(str(p) for p in (paths.values() if isinstance(paths, Mapping) else paths)))
+        return {"report": "schedules",
+                "files": {k: str(v) for k, v in paths.items()} if isinstance(paths, Mapping) else paths}
+    return sweep_report(what, out_dir=out, eval_cfg=cfg.get("eval"), select=_report_selection(cfg, overrides))
+
+
+def _report_selection(cfg: Any, overrides: Sequence[str]) -> dict[str, Any]:
+    """The curve settings set on the report's command line (``eval.num_samples=1000``, ``sampler.guidance=3``)."""
+    from omegaconf import Container, OmegaConf
+
+    select = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if (key.startswith("eval.") and key[5:] in _SELECTABLE_EVAL_KEYS) or key.startswith("sampler."):
+            value = OmegaConf.select(cfg, key)
+            value = OmegaConf.to_container(value) if isinstance(value, Container) else value
+            select[key[5:] if key.startswith("eval.") else key] = value
+    return select
+
+
+def _entry_matches(entry: Mapping[str, Any], select: Mapping[str, Any]) -> bool:
+    settings = entry.get("settings") or {}
+    for key, wanted in select.items():
+        have = (settings.get("sampler") or {}).get(key[8:]) if key.startswith("sampler.") else settings.get(key)
+        if not (have == wanted or _num_eq(have, wanted) or _canon(have) == _canon(wanted)):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1506,7 +2399,8 @@ def run_reference(cfg: Any, dist_info: Any = None) -> dict[str, Any]:
 
 def _modes(cfg: Any) -> dict[str, bool]:
     return {"samples": cfg.get("samples") is not None, "ckpt": cfg.get("ckpt") is not None,
-            "run_dir": cfg.get("run_dir") is not None, "ref": bool(cfg.get("ref", False))}
+            "run_dir": cfg.get("run_dir") is not None, "ref": bool(cfg.get("ref", False)),
+            "report": cfg.get("report") is not None}
 
 
 def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -> dict[str, Any]:
@@ -1520,9 +2414,12 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
     from models.distributed import resolve_device
 
     modes = _modes(cfg)
+    if modes["report"]:
+        return run_report(cfg, overrides, dist_info)
     if sum(modes.values()) != 1:
         raise ValueError("give exactly one of samples=<npz or image folder>, ckpt=<checkpoint or run dir>, "
-                         "run_dir=<run or sweep dir> (FID curves) or ref=true (reference statistics) (got "
+                         "run_dir=<run or sweep dir> (FID curves), ref=true (reference statistics) or "
+                         "report=<sweep dir | schedules | infonoise> (got "
                          f"samples={cfg.get('samples')!r}, ckpt={cfg.get('ckpt')!r}, run_dir={cfg.get('run_dir')!r}, "
                          f"ref={cfg.get('ref', False)!r})")
     settings = _eval_settings(cfg.eval)
