@@ -46,7 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Linear, PositionalEmbedding, class_label_batch, noise_label_batch, weight_init
+from models.layers import (
+    Linear,
+    PositionalEmbedding,
+    check_label_dropout,
+    class_label_batch,
+    noise_label_batch,
+    weight_init,
+)
 
 # name -> (depth, hidden_size, num_heads), Peebles & Xie 2023, Table 1.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -188,8 +195,7 @@ class DiT(nn.Module):
             raise ValueError(f"img_resolution={img_resolution} must be a multiple of patch_size={patch_size}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+        check_label_dropout(label_dropout)
 
         self.img_resolution = img_resolution
         self.in_channels = in_channels

@@ -329,6 +329,35 @@ class UNetBlock(nn.Module):
 # Conditioning inputs shared by every network: the noise label and the (one-hot) class label.
 
 
+def check_unet_args(
+    img_resolution: int, channel_mult: Sequence[int], dropout: float, label_dropout: float
+) -> list[int]:
+    """Validate the hyperparameters every UNet here shares; returns ``channel_mult`` as a list of ints.
+
+    Each level below the first halves the resolution, so ``img_resolution`` must be a multiple of
+    2**(len(channel_mult) - 1); ``dropout`` is a probability in [0, 1) and ``label_dropout`` one in [0, 1].
+    """
+    channel_mult = [int(m) for m in channel_mult]
+    if len(channel_mult) < 1:
+        raise ValueError("channel_mult must have at least one entry")
+    factor = 2 ** (len(channel_mult) - 1)
+    if img_resolution < factor or img_resolution % factor:
+        raise ValueError(
+            f"img_resolution={img_resolution} must be a multiple of 2**(len(channel_mult)-1) = {factor} "
+            f"(channel_mult={channel_mult} has {len(channel_mult)} levels, each lower level halves the resolution)"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_label_dropout(label_dropout)
+    return channel_mult
+
+
+def check_label_dropout(label_dropout: float) -> None:
+    """Classifier-free-guidance label dropout is a probability in [0, 1]."""
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+
+
 def noise_label_batch(noise_labels: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """``noise_labels`` as float32 [batch_size] on ``device`` (a single value is broadcast)."""
     noise_labels = torch.as_tensor(noise_labels, dtype=torch.float32, device=device)

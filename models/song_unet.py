@@ -42,6 +42,7 @@ from models.layers import (
     Linear,
     PositionalEmbedding,
     UNetBlock,
+    check_unet_args,
     class_label_batch,
     noise_label_batch,
 )
@@ -83,20 +84,8 @@ class SongUNet(nn.Module):
         _check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
         _check_choice("encoder_type", encoder_type, ENCODER_TYPES)
         _check_choice("decoder_type", decoder_type, DECODER_TYPES)
-        channel_mult = [int(m) for m in channel_mult]
+        channel_mult = check_unet_args(img_resolution, channel_mult, dropout, label_dropout)
         attn_resolutions = [int(r) for r in attn_resolutions]
-        if len(channel_mult) < 1:
-            raise ValueError("channel_mult must have at least one entry")
-        factor = 2 ** (len(channel_mult) - 1)
-        if img_resolution < factor or img_resolution % factor:
-            raise ValueError(
-                f"img_resolution={img_resolution} must be a multiple of 2**(len(channel_mult)-1) = {factor} "
-                f"(channel_mult={channel_mult} has {len(channel_mult)} levels, each lower level halves the resolution)"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
 
         self.img_resolution = img_resolution
         self.in_channels = in_channels
