@@ -1976,8 +1976,14 @@ def _extra_metrics(members: Sequence[Path], label_of: Mapping[Path, str], root: 
     return {col: {lab: _stats(v) for lab, v in per_row.items()} for col, per_row in values.items()}
 
 
+def _report_kimg(kimg: float) -> str:
+    """A kimg value for a table: one decimal at most from 10 kimg up (a checkpoint lands on a whole batch, so
+    30 kimg at batch 128 is 30.08: shown 30.1), four significant digits below."""
+    return f"{round(kimg, 1):g}" if abs(kimg) >= 10 else f"{kimg:.4g}"
+
+
 def _kimg_header(kimg: float, batch: int | None) -> str:
-    text = f"{kimg:g} kimg"
+    text = f"{_report_kimg(kimg)} kimg"
     if batch:
         iters = kimg * 1000 / batch
         if abs(iters - round(iters)) < 1e-6 and iters >= 1000:
@@ -2050,7 +2056,7 @@ def format_report(report: Mapping[str, Any], plot_name: str | None = "fid_vs_kim
         for lab in table["order"]:
             cells = [table["rows"][lab]["aspects"].get(c, lab) for c in columns] if table["columns"] else [lab]
             finals = [v["rows"].get(lab, {}).get("final_kimg") for v in table["variants"]]
-            cells.append(" / ".join(dict.fromkeys(_short(k) for k in finals if k is not None)) or "—")
+            cells.append(" / ".join(dict.fromkeys(_report_kimg(k) for k in finals if k is not None)) or "—")
             for variant, paper in zip(table["variants"], has_paper):
                 r = variant["rows"].get(lab)
                 best = _best({lb: (vr["final"]["mean"] if vr["final"] else None)
@@ -2101,7 +2107,7 @@ def format_report(report: Mapping[str, Any], plot_name: str | None = "fid_vs_kim
                 per_seed_text = "—" if per_seed is None else _fmt_stat(per_seed).rsplit(" (", 1)[0]
                 per_seed_text += f" ({t.get('reached', 0)}/{len(t.get('per_seed_kimg', []))})"
                 speed = f"{t['speedup']:.2f}x" if t.get("speedup") else "—"
-                cells += [_short(r["final_kimg"]) if r["final_kimg"] is not None else "—",
+                cells += [_report_kimg(r["final_kimg"]) if r["final_kimg"] is not None else "—",
                           f"{r['final']['mean']:.4g}" if r["final"] else "—", reach, per_seed_text, speed]
                 if paper_col:
                     cells.append(t.get("paper_speedup") or "—")

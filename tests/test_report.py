@@ -359,3 +359,13 @@ def test_infonoise_report_of_a_sweep(tmp_path):
     out = evaluate.run_evaluation(compose("evaluate", ["report=infonoise", f"run_dir={sweep}"]))
     assert out["files"] == [str(sweep / "info" / "infonoise_profile.png")]
     assert (sweep / "info" / "infonoise_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("kimg", "batch", "header"), [
+    (30.08, 128, "30.1 kimg"),                  # a checkpoint lands on a whole batch: 235 x 128 images
+    (150.016, 128, "150 kimg (1.172K it)"),     # 1172 iterations exactly
+    (12800.0, 256, "12800 kimg (50K it)"),
+    (0.128, 64, "0.128 kimg"),                  # below 10 kimg: four significant digits, no iteration count
+])
+def test_kimg_column_headers(kimg, batch, header):
+    assert evaluate._kimg_header(kimg, batch) == header
