@@ -26,7 +26,7 @@ given directly (``fid_from_features``): tr (Sigma_1 Sigma_2)^(1/2) = tr (S Sigma
   EDM reports FID with 50,000 samples against the statistics of the whole training set (``eval=fid50k``); with
   fewer samples FID is biased upwards and comparable only at equal sample counts.
 - ``digits-classifier``: the penultimate 64-d features of a small CNN trained once on the training split of the
-  8x8 digits (``models/digits_classifier.py``). This is the usual "classifier FID" of MNIST-like data; it is
+  8x8 digits (``evaluation/digits_classifier.py``). This is the usual "classifier FID" of MNIST-like data; it is
   reported as ``fid_digits_classifier`` / "classifier-FID (digits-classifier features)", a different scale from
   Inception FID, and is never to be compared with one.
 - ``auto`` (default): digits-classifier for the digits datasets (data.source digits or data.name digits /
@@ -128,8 +128,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from models.digits_classifier import EXTRACTOR_NAME as DIGITS_EXTRACTOR
-from models.digits_classifier import file_digest, load_or_train_digits_classifier, register_digits_classifier
+from evaluation.digits_classifier import EXTRACTOR_NAME as DIGITS_EXTRACTOR
+from evaluation.digits_classifier import file_digest, load_or_train_digits_classifier, register_digits_classifier
 
 __all__ = [
     "VALID_METRICS",
@@ -783,7 +783,7 @@ def _rank_slice(n: int, rank: int, world: int) -> range:
 
 
 def _split(distributed: bool) -> tuple[bool, int, int]:
-    from models.distributed import get_rank, get_world_size, is_distributed
+    from training.distributed import get_rank, get_world_size, is_distributed
 
     on = bool(distributed) and is_distributed()
     return on, (get_rank() if on else 0), (get_world_size() if on else 1)
@@ -793,7 +793,7 @@ def _gather_rows(part: Tensor, distributed: bool) -> Tensor:
     """Concatenate every rank's rows in rank order (on every rank); identity without a process group."""
     if not distributed:
         return part
-    from models.distributed import all_gather_object
+    from training.distributed import all_gather_object
 
     parts = [p for p in all_gather_object(part.cpu()) if p.numel()]
     return torch.cat(parts) if parts else part
@@ -806,7 +806,7 @@ def generate_for_eval(
     """``eval.num_samples`` uint8 images from seeds ``first_seed .. first_seed + N - 1`` (default first seed
     ``eval.seed``; labels drawn per seed). ``distributed``: under torchrun each rank generates a contiguous slice of
     the seeds and every rank returns all N images (gathered in seed order); identical to one process."""
-    import sample
+    from training import generate as generation
 
     settings = _eval_settings(eval_cfg)
     n = int(num_samples if num_samples is not None else settings["num_samples"])
@@ -818,14 +818,14 @@ def generate_for_eval(
     binary = bool(_plain(data_cfg).get("binarize", False))
     extra: dict[str, Any] = {}
     if getattr(denoiser, "latent_info", None):  # a latent-space model: decode its samples to RGB with its VAE
-        codec_for = getattr(sample, "latent_codec_for", None)
+        codec_for = getattr(generation, "latent_codec_for", None)
         if codec_for is None:
             raise ValueError("this checkpoint generates VAE latents but sample.py has no latent_codec_for to decode "
                              "them")
         extra["latent_codec"] = codec_for(denoiser, device)
     images = torch.empty(0, dtype=torch.uint8)
     if mine:
-        images = sample.generate_images(denoiser, mine, sampler_cfg=sampler_cfg, batch_size=int(settings["batch"]),
+        images = generation.generate_images(denoiser, mine, sampler_cfg=sampler_cfg, batch_size=int(settings["batch"]),
                                         device=device, binary=binary, progress=progress and rank == 0, **extra)
     return _gather_rows(images, on)
 
@@ -895,7 +895,7 @@ def likelihood_metrics(
     bpd = _gather_rows(part, on)
     nfe_parts = [(info.get("nfe", 0.0), len(mine), info.get("terms_bpd"))]
     if on:
-        from models.distributed import all_gather_object
+        from training.distributed import all_gather_object
 
         nfe_parts = all_gather_object(nfe_parts[0])
     count = max(sum(b for _, b, _ in nfe_parts), 1)
@@ -1016,7 +1016,7 @@ def _evaluate_model(
                                                       distributed=on)
     ceiling = None
     if settings["baselines"] and sample_metrics and run_cfg is not None:
-        from diffusion.preconditioning import build_denoiser
+        from training.denoiser import build_denoiser
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -1161,7 +1161,7 @@ def evaluate_during_training(ema_denoiser: torch.nn.Module, cfg: Any, dataset: A
 # ------------------------------------------------------------------------------------------------------------------
 def find_runs(root: str | os.PathLike) -> list[Path]:
     """``root`` itself if it is a run (holds ``checkpoints/``), else every run directory below it (a sweep)."""
-    from models.checkpoint import CHECKPOINT_DIR, list_checkpoints
+    from training.checkpoint import CHECKPOINT_DIR, list_checkpoints
 
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
@@ -1345,8 +1345,8 @@ def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
 
     Returns ``{"runs": {name: [(kimg, value), ...]}, "metric", "table", "plot", "summary"}`` on rank 0.
     """
-    from models.checkpoint import list_checkpoints, load_checkpoint, load_denoiser
-    from models.distributed import barrier, broadcast_object
+    from training.checkpoint import list_checkpoints, load_checkpoint, load_denoiser
+    from training.distributed import barrier, broadcast_object
 
     settings = _eval_settings(cfg.eval)
     settings["baselines"] = False
@@ -1475,7 +1475,7 @@ _EXTRACTOR_SHORT = {DIGITS_EXTRACTOR: "digits-classifier features (not Inception
 def find_report_runs(root: str | os.PathLike) -> list[Path]:
     """The run directories at or below ``root``: those holding ``config.yaml`` (not Hydra's ``.hydra/`` copy), a
     ``fid_curve.jsonl`` or checkpoints."""
-    from models.checkpoint import CHECKPOINT_DIR, list_checkpoints
+    from training.checkpoint import CHECKPOINT_DIR, list_checkpoints
 
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
@@ -1498,7 +1498,7 @@ def _run_config(run: Path) -> dict[str, Any]:
     """A run's resolved config: ``config.yaml``, else the config stored in its newest checkpoint."""
     from omegaconf import OmegaConf
 
-    from models.checkpoint import list_checkpoints, load_checkpoint
+    from training.checkpoint import list_checkpoints, load_checkpoint
 
     path = run / "config.yaml"
     if path.is_file():
@@ -1766,7 +1766,7 @@ def collect_report(root: str | os.PathLike, eval_cfg: Any = None,
     evaluated with these settings (``{"num_samples": 1000, "sampler.guidance": 3.0}``; the CLI passes the ``eval.`` /
     ``sampler.`` keys set on its command line).
     """
-    from models.checkpoint import list_checkpoints
+    from training.checkpoint import list_checkpoints
 
     settings = _eval_settings(eval_cfg)
     interpolation = str(settings["target_interpolation"])
@@ -1945,7 +1945,7 @@ def _extra_metrics(members: Sequence[Path], label_of: Mapping[Path, str], root: 
                    notes: list[str]) -> dict[str, dict[str, Any]]:
     """Final metrics of ``evaluate.py ckpt=<run> ...`` (``eval-*.json`` in a run or its checkpoints/): per column
     ``<metric> (<file stem>)`` and row, their mean ± std over the row's runs."""
-    from models.checkpoint import CHECKPOINT_DIR, list_checkpoints
+    from training.checkpoint import CHECKPOINT_DIR, list_checkpoints
 
     values: dict[str, dict[str, list[float]]] = {}
     for run in members:
@@ -2235,7 +2235,7 @@ def sweep_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 def _infonoise_reports(run_dir: Path, out: str | None) -> dict[str, Any]:
     """``report=infonoise run_dir=<run or sweep>``: the InfoNoise profile figure of every InfoNoise run."""
-    from diffusion.schedules.infonoise_report import plot_infonoise_profile
+    from evaluation.infonoise_report import plot_infonoise_profile
 
     runs = [r for r in find_report_runs(run_dir)
             if (_run_config(r).get("schedule") or {}).get("name") == "infonoise"]
@@ -2272,7 +2272,7 @@ def run_report(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
         raise ValueError(f"report={what} is a mode of its own: drop {', '.join(others)}= (run_dir= goes only with "
                          "report=infonoise; the sweep report reads the curves `evaluate.py run_dir=<sweep>` wrote)")
     if what == "schedules":
-        from diffusion.schedules.figure import write_schedule_report
+        from evaluation.schedule_figure import write_schedule_report
 
         paths = write_schedule_report(Path(str(out)) if out else Path("docs") / "figures")
         print("wrote " + ", ".join(str(p) for p in (paths.values() if isinstance(paths, Mapping) else paths)))
@@ -2414,10 +2414,10 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
 
     ``overrides`` are the command-line overrides: with ``ckpt`` (and ``run_dir``), the run's own ``data`` and
     ``sampler`` groups are used unless the command line chose another option (``data=...``) or set keys
-    (``data.path=...``). ``dist_info`` (``models.distributed.init_distributed``): split sampling over the ranks;
+    (``data.path=...``). ``dist_info`` (``training.distributed.init_distributed``): split sampling over the ranks;
     rank 0 computes the metrics and returns the record, the other ranks return ``{}``.
     """
-    from models.distributed import resolve_device
+    from training.distributed import resolve_device
 
     modes = _modes(cfg)
     if modes["report"]:
@@ -2440,7 +2440,7 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
     data_cfg = cfg.data
     t0 = time.time()
     if cfg.ckpt is not None:
-        from models.checkpoint import load_denoiser
+        from training.checkpoint import load_denoiser
 
         if not os.path.exists(str(cfg.ckpt)):
             raise FileNotFoundError(f"ckpt not found: {cfg.ckpt}")
@@ -2569,7 +2569,7 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
     def _main(cfg: Any) -> None:
-        from models.distributed import init_distributed, shutdown_distributed
+        from training.distributed import init_distributed, shutdown_distributed
 
         dist_info = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

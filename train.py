@@ -12,7 +12,7 @@ processes and gradient-accumulation rounds, compute the schedule-sampled, weight
 observe the per-sample errors (adaptive schedules such as InfoNoise rebuild themselves from them).
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per tick), ``train.log``,
-``samples/grid-<kimg>kimg.png``, ``checkpoints/checkpoint-<nimg>.pt`` (see ``models.checkpoint``) and, at the end,
+``samples/grid-<kimg>kimg.png``, ``checkpoints/checkpoint-<nimg>.pt`` (see ``training.checkpoint``) and, at the end,
 ``ema.safetensors``. A resumed run is identical to an uninterrupted one on CPU (same parameters bit for bit): the
 data order is a pure function of (seed, images seen), and the checkpoint carries the model, EMA, optimizer, schedule
 state and every RNG state. SIGTERM / SIGUSR1 (cluster pre-emption) write a checkpoint and exit with status 0.
@@ -38,15 +38,14 @@ from omegaconf import DictConfig, OmegaConf
 from configs import to_plain_dict
 from configs.validation import ConfigError, config_differences, validate_train_config
 from data import build_augment_pipe, build_dataset, to_model_space
-from data.sampler import InfiniteSampler, epoch_permutation
+from data.order import InfiniteSampler, epoch_permutation
 from diffusion.loss import DenoisingLoss
-from diffusion.preconditioning import build_denoiser
 from diffusion.samplers import sampler_options
 from diffusion.schedules import build_schedule
 from diffusion.sigma_grids import build_sigma_grid, parse_infogrid
 from diffusion.weighting import build_weighting
 from models import count_parameters
-from models.checkpoint import (
+from training.checkpoint import (
     checkpoint_name,
     export_safetensors,
     latest_checkpoint,
@@ -55,7 +54,8 @@ from models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from models.distributed import (
+from training.denoiser import build_denoiser
+from training.distributed import (
     DistInfo,
     all_gather_object,
     all_reduce_sum,
@@ -64,7 +64,7 @@ from models.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from models.ema import EMA
+from training.ema import EMA
 
 log = logging.getLogger("sigmalab.train")
 
@@ -491,7 +491,7 @@ class Trainer:
         """An adaptive schedule's picture of the run (InfoNoise: its profile and π over training)."""
         if not hasattr(self.schedule, "profile"):
             return
-        from diffusion.schedules.infonoise_report import plot_infonoise_profile
+        from evaluation.infonoise_report import plot_infonoise_profile
 
         try:
             log.info("InfoNoise profile: %s", plot_infonoise_profile(run_dir))
@@ -508,7 +508,7 @@ class Trainer:
         return getattr(self, "_codec", None)
 
     def _snapshot_grid(self, path: Path) -> None:
-        from sample import generate_images, save_grid
+        from training.generate import generate_images, save_grid
 
         num = self.cfg.train.grid_seeds
         ema_model = self.ema.model

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from diffusion.loss import DenoisingLoss  # noqa: E402
-from diffusion.preconditioning import build_denoiser  # noqa: E402
 from diffusion.schedules.infonoise import InfoNoise  # noqa: E402
 from diffusion.schedules.lognormal import LogNormal  # noqa: E402
 from diffusion.weighting import EDMWeighting  # noqa: E402
+from training.denoiser import build_denoiser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -75,9 +75,9 @@ def _metrics_backend() -> tuple[Any, str | None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from data import build_dataset
-    from models.checkpoint import load_denoiser, resolve_checkpoint
-    from models.distributed import resolve_device
-    from sample import generate_images
+    from training.checkpoint import load_denoiser, resolve_checkpoint
+    from training.distributed import resolve_device
+    from training.generate import generate_images
 
     device = torch.device(resolve_device(args.device))
     ckpt = resolve_checkpoint(args.ckpt)

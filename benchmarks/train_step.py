@@ -48,7 +48,7 @@ def measure(model: str, precision: str, compile_: bool, batch: int, steps: int, 
     import torch
 
     import train as train_module
-    from models.distributed import init_distributed
+    from training.distributed import init_distributed
 
     overrides = [f"model={model}", f"train.precision={precision}", f"train.compile={str(compile_).lower()}",
                  f"train.batch={batch}", f"device={device}", "train.lr_rampup_kimg=0", *extra]
@@ -118,7 +118,7 @@ def _worker(payload: str) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     row = measure(p["model"], p["precision"], p["compile"], p["batch"], p["steps"], p["repeats"], p["device"],
                   p["extra"])
-    from models.distributed import get_rank, shutdown_distributed
+    from training.distributed import get_rank, shutdown_distributed
 
     if get_rank() == 0:
         print("ROW " + json.dumps(row), flush=True)

@@ -21,8 +21,8 @@ from .dataset import ImageDataset, cfg_to_dict, to_model_space, to_uint8
 from .digits import DigitsDataset, build_digits
 from .image_folder import ImageFolderDataset, build_folder
 from .latents import LatentCodec
+from .order import InfiniteSampler
 from .prepared import PreparedDataset, build_prepared
-from .sampler import InfiniteSampler
 
 __all__ = [
     "SOURCES",

@@ -162,20 +162,3 @@ PRECONDITIONERS: dict[str, type[Preconditioner]] = {
 def build_preconditioner(precond_cfg: Any, net: nn.Module) -> Preconditioner:
     """Wrap ``net`` with the preconditioning named by ``precond_cfg.name``."""
     return build_from_registry("precond", PRECONDITIONERS, precond_cfg, net=net)
-
-
-def build_denoiser(cfg: Any, img_resolution: int, img_channels: int, label_dim: int = 0,
-                   augment_dim: int = 0) -> Preconditioner:
-    """A freshly initialised denoiser from a full run config (its ``model`` and ``precond`` groups)."""
-    from models import build_network
-
-    net = build_network(cfg.model if hasattr(cfg, "model") else cfg["model"], img_resolution=img_resolution,
-                        img_channels=img_channels, label_dim=label_dim, augment_dim=augment_dim)
-    precond = cfg.precond if hasattr(cfg, "precond") else cfg["precond"]
-    denoiser = build_preconditioner(precond, net)
-    # The data geometry travels with the denoiser so that samplers know what to generate.
-    denoiser.img_resolution = int(img_resolution)
-    denoiser.img_channels = int(img_channels)
-    denoiser.label_dim = int(label_dim)
-    denoiser.augment_dim = int(augment_dim)
-    return denoiser

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from models import checkpoint as ckpt
+from training import checkpoint as ckpt
 
 
 def _state(value: float) -> dict:

@@ -38,7 +38,7 @@ def test_every_option_composes_and_builds(group, option):
         w = weighting(torch.tensor([0.002, 1.0, 80.0]))
         assert torch.isfinite(w).all() and (w > 0).all()
     elif group == "precond":
-        from diffusion.preconditioning import build_denoiser
+        from training.denoiser import build_denoiser
 
         denoiser = build_denoiser(cfg, img_resolution=8, img_channels=1)
         out = denoiser(torch.randn(2, 1, 8, 8), torch.tensor([0.01, 10.0]))

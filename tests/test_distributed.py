@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 import train as train_module
-from models.checkpoint import load_checkpoint
 from tests.helpers import FAST_TRAIN, compose, run_cli
+from training.checkpoint import load_checkpoint
 
 # After 8 Adam steps from the same start, parameters that differ only by float32 summation order agree to ~1e-6
 # (Adam normalises the update, so a relative gradient difference of 1e-7 moves a weight by ≲ lr·1e-7·steps). 1e-4 is a
@@ -72,9 +72,9 @@ def test_bf16_autocast_loss_close_to_fp32():
     """bf16 autocast on CPU runs, and the loss of one batch is within bf16's precision of the fp32 loss."""
     from data import build_dataset, to_model_space
     from diffusion.loss import DenoisingLoss
-    from diffusion.preconditioning import build_denoiser
     from diffusion.schedules import build_schedule
     from diffusion.weighting import build_weighting
+    from training.denoiser import build_denoiser
 
     cfg = compose("train", [])
     data = build_dataset(cfg.data)

@@ -1,4 +1,4 @@
-"""Tests of evaluate.py (metrics through torch-fidelity, CLI) and models/digits_classifier.py.
+"""Tests of evaluate.py (metrics through torch-fidelity, CLI) and evaluation/digits_classifier.py.
 
 Independent references: the Fréchet distance recomputed here with numpy + ``scipy.linalg.sqrtm`` from features taken
 directly from the registered extractor; exact identities (FID(x, x) = 0, 1 <= IS <= number of classes); the
@@ -24,7 +24,7 @@ from torch import nn
 
 import evaluate
 from data import build_dataset
-from models import digits_classifier as dc
+from evaluation import digits_classifier as dc
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -366,8 +366,8 @@ def test_cli_checkpoint_with_baselines(tmp_path, classifier):
     """ckpt=<run dir>: samples generated on the fly; floor and ceiling reported; the run's data config is used."""
     from hydra import compose, initialize_config_dir
 
-    from diffusion.preconditioning import build_denoiser
-    from models.checkpoint import checkpoint_name, save_checkpoint
+    from training.checkpoint import checkpoint_name, save_checkpoint
+    from training.denoiser import build_denoiser
 
     path, _ = classifier
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -394,7 +394,7 @@ def test_cli_checkpoint_with_baselines(tmp_path, classifier):
     assert set(cols) == {"samples", "floor", "ceiling"}  # 30 samples < 269 held-out: no matched-size column
     # Recompute both columns here: the checkpoint's network, and a fresh one initialised with seed eval.seed = 0,
     # each sampled from seeds 0..29 with the run's Heun sampler cut to 3 steps.
-    from sample import generate_images
+    from training.generate import generate_images
 
     sampler = OmegaConf.merge(run_cfg.sampler, {"num_steps": 3})
     train = build_dataset(run_cfg.data, "train")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import train as train_module
-from models.checkpoint import list_checkpoints, load_checkpoint
 from tests.helpers import FAST_TRAIN, ROOT, compose, run_cli
+from training.checkpoint import list_checkpoints, load_checkpoint
 
 # 16 steps of 32 images with a checkpoint every 2 steps (64 images).
 LONG = [*FAST_TRAIN, "train.total_kimg=0.512", "train.checkpoint_kimg=0.064", "train.tick_kimg=0.064",
@@ -98,7 +98,7 @@ def test_nan_stops_with_step_sigma_and_indices(tmp_path, monkeypatch):
     message = str(info.value)
     assert "non-finite loss at step 5" in message and "σ in [" in message and "dataset indices (rank 0) [" in message
     # The message names the right images: the indices of step 5 in the sampler's order.
-    from data.sampler import InfiniteSampler
+    from data.order import InfiniteSampler
 
     stream = iter(InfiniteSampler(len(trainer.dataset), seed=0, batch_size_per_rank=32, start=5 * 32))
     expected = [next(stream) for _ in range(32)]

@@ -1,7 +1,7 @@
 """Tests of evaluate.py on a real tiny training run: FID-vs-kimg curves, the images-to-target table, distributed
 sampling under torchrun, EDM's minimum-of-seeds protocol and the training-time hook.
 
-Independent references: the curve's points recomputed here with sample.generate_images + compute_metrics on the
+Independent references: the curve's points recomputed here with training.generate.generate_images + compute_metrics on the
 checkpoint's EMA weights; 1-process sampling for the 2-rank run; hand-computed interpolations for the table.
 """
 
@@ -20,9 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 import evaluate
-from models import digits_classifier as dc
-from models.checkpoint import list_checkpoints, load_denoiser
+from evaluation import digits_classifier as dc
 from tests.helpers import ROOT, compose, run_cli
+from training.checkpoint import list_checkpoints, load_denoiser
 
 torch.set_num_threads(1)
 KEY = "fid_digits_classifier"
@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory):
 def _expected_fid(ckpt, cache, num_samples=24, first_seed=0):
     """The metric recomputed directly: EMA weights, the run's sampler cut to 3 steps, seeds first..first+N-1."""
     from data import build_dataset
-    from sample import generate_images
+    from training.generate import generate_images
 
     den, run_cfg = load_denoiser(ckpt)
     sampler = OmegaConf.merge(run_cfg.sampler, {"num_steps": 3})
@@ -143,7 +143,7 @@ def test_two_ranks_sample_the_same_images_as_one(tiny_run, cache, tmp_path):
         two_ranks, seeds = torch.from_numpy(npz["samples"]).permute(0, 3, 1, 2), npz["seeds"]
     assert seeds.tolist() == list(range(21))
 
-    from sample import generate_images
+    from training.generate import generate_images
 
     den, run_cfg = load_denoiser(ckpt)
     sampler = OmegaConf.merge(run_cfg.sampler, {"num_steps": 3})

@@ -460,8 +460,8 @@ def test_profile_report_plot(tmp_path):
     """The report reads metrics.jsonl and checkpoints of a (synthetic) run and writes a PNG."""
     import json
 
-    from diffusion.schedules.infonoise_report import plot_infonoise_profile
-    from models.checkpoint import checkpoint_name, save_checkpoint
+    from evaluation.infonoise_report import plot_infonoise_profile
+    from training.checkpoint import checkpoint_name, save_checkpoint
 
     sch = InfoNoise(weighting=EDMWeighting(SIGMA_DATA), sigma_data=SIGMA_DATA, warmup_steps=20, refresh_every=20,
                     num_dims=64)

@@ -181,8 +181,8 @@ def test_per_image_seeds_make_batches_irrelevant():
 def test_vjp_trace_through_a_real_network_matches_its_jacobian():
     from omegaconf import OmegaConf
 
-    from diffusion.preconditioning import build_denoiser
     from tests.helpers import compose
+    from training.denoiser import build_denoiser
 
     cfg = compose("train", ["model=unet_tiny", "model.model_channels=8", "model.num_blocks=1"])
     torch.manual_seed(0)

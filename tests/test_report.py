@@ -309,7 +309,7 @@ def test_sweep_of_sweeps_and_errors(tmp_path, sweep):
 
 
 def test_schedules_report(tmp_path):
-    """report=schedules: the schedules figure and table (diffusion/schedules/figure.py) into out=."""
+    """report=schedules: the schedules figure and table (evaluation/schedule_figure.py) into out=."""
     out = evaluate.run_evaluation(compose("evaluate", ["report=schedules", f"out={tmp_path / 'figures'}"]))
     assert sorted(Path(p).name for p in out["files"].values()) == ["schedules.md", "schedules.png"]
     assert "laplace" in (tmp_path / "figures" / "schedules.md").read_text()

@@ -23,7 +23,7 @@ from diffusion.per_image_noise import PerImageNoise
 from diffusion.samplers import SAMPLERS, NFECounter, ddim, dpmpp_2m, euler, euler_ancestral, heun, sampler_options
 from diffusion.schedules import LogNormal
 from diffusion.sigma_grids import SCHEDULE_CONFIG_DIR, build_sigma_grid, edm_rho_grid, loglinear_grid, quantile_grid
-from sample import generate_images, write_samples
+from training.generate import generate_images, write_samples
 
 S = 0.5
 SIGMA_MAX = 80.0
@@ -418,7 +418,7 @@ def test_infogrid_from_an_infonoise_checkpoint():
     """steps_from=infonoise[:variant]: sample.py rebuilds the run's InfoNoise and uses its step density."""
     from diffusion.schedules.infonoise import InfoNoise
     from diffusion.weighting import build_weighting
-    from sample import load_profile_schedule
+    from training.generate import load_profile_schedule
 
     run_cfg = {"schedule": {"name": "infonoise", "warmup_steps": 0, "refresh_every": 1, "min_count": 1},
                "weighting": {"name": "edm", "sigma_data": 0.5}, "precond": {"name": "edm", "sigma_data": 0.5},

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from scipy import integrate, special, stats
 
 from diffusion.schedules import SCHEDULES, build_schedule
-from diffusion.schedules.figure import logsnr_mass, write_schedule_report
+from evaluation.schedule_figure import logsnr_mass, write_schedule_report
 
 ROOT = Path(__file__).resolve().parents[1]
 KS_PVALUE = 1e-3        # KS tests pass when p > 1e-3 (fixed seeds, so the outcome is deterministic)

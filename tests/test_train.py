@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train as train_module
-from models.checkpoint import list_checkpoints, load_checkpoint
 from tests.helpers import FAST_TRAIN, compose, run_cli
+from training.checkpoint import list_checkpoints, load_checkpoint
 
 
 def _train(run_dir, *overrides):
@@ -72,8 +72,8 @@ def test_cli_train_then_sample(tmp_path):
 def test_dry_run_prints_parameter_count(tmp_path):
     proc = run_cli("train.py", "dry_run=true", f"run_dir={tmp_path}")
     out = proc.stdout
-    from diffusion.preconditioning import build_denoiser
     from models import count_parameters
+    from training.denoiser import build_denoiser
 
     cfg = compose("train", [])
     expected = count_parameters(build_denoiser(cfg, img_resolution=8, img_channels=1))

@@ -523,7 +523,7 @@ class InfoNoise(NoiseSchedule):
         if isinstance(checkpoint, Mapping):
             state = checkpoint
         else:
-            from models.checkpoint import load_checkpoint
+            from training.checkpoint import load_checkpoint
 
             state = load_checkpoint(checkpoint)
         cfg = state["config"]

@@ -1,4 +1,4 @@
-"""Tests of data.sampler.InfiniteSampler: epoch coverage across ranks, exact resumption, seeding, sharding layout."""
+"""Tests of data.order.InfiniteSampler: epoch coverage across ranks, exact resumption, seeding, sharding layout."""
 
 from __future__ import annotations
 

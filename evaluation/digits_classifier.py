@@ -351,7 +351,7 @@ class DigitsClassifierFeatures(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             raise ValueError(
                 "the digits-classifier feature extractor needs the classifier file in feature_extractor_weights_path "
-                "(see models.digits_classifier.load_or_train_digits_classifier)"
+                "(see evaluation.digits_classifier.load_or_train_digits_classifier)"
             )
         self.classifier, self.meta = load_digits_classifier(feature_extractor_weights_path)
 

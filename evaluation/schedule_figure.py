@@ -52,7 +52,7 @@ def _build_all(schedule_cfgs: Mapping[str, Any], context: dict[str, Any]) -> tup
             continue
         if type(schedule).on_step is not NoiseSchedule.on_step:
             skipped[label] = ("adaptive: its density is learned during training (plot a run's profile with "
-                              "`python -m diffusion.schedules.infonoise_report <run_dir>`)")
+                              "`python -m evaluation.infonoise_report <run_dir>`)")
             continue
         built[label] = schedule
     return built, skipped

@@ -1,6 +1,6 @@
 """Plots of an InfoNoise run: the learned profile and the training density over training, against the base schedule.
 
-    python -m diffusion.schedules.infonoise_report <run_dir> [out.png]
+    python -m evaluation.infonoise_report <run_dir> [out.png]
 
 Sources, both optional (at least one must exist):
 - ``<run_dir>/metrics.jsonl``: the records the training loop writes at every refresh, keys ``schedule/<stat>`` next to
@@ -62,7 +62,7 @@ def _pick(items: list[Any], count: int) -> list[Any]:
 def load_profiles(run_dir: str | os.PathLike, max_checkpoints: int = 6) -> list[tuple[float, InfoNoise, float]]:
     """(kimg, InfoNoise, kimg at the end of its warm-up) for up to ``max_checkpoints`` checkpoints of the run, evenly
     spread, the newest included."""
-    from models.checkpoint import list_checkpoints, load_checkpoint
+    from training.checkpoint import list_checkpoints, load_checkpoint
 
     out = []
     for path in _pick(list_checkpoints(run_dir), max_checkpoints):
@@ -191,7 +191,7 @@ def _base_from_config(run_dir: Path):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not 1 <= len(argv) <= 2:
-        raise SystemExit("usage: python -m diffusion.schedules.infonoise_report <run_dir> [out.png]")
+        raise SystemExit("usage: python -m evaluation.infonoise_report <run_dir> [out.png]")
     out = plot_infonoise_profile(argv[0], argv[1] if len(argv) > 1 else None)
     print(out)
 

@@ -179,7 +179,7 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch
     """Rebuild the denoiser of a checkpoint (EMA weights by default); returns ``(denoiser, config)``."""
     from omegaconf import OmegaConf
 
-    from diffusion.preconditioning import build_denoiser
+    from training.denoiser import build_denoiser
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -201,7 +201,7 @@ def _load_safetensors_denoiser(path: Path, device: str | torch.device):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from diffusion.preconditioning import build_denoiser
+    from training.denoiser import build_denoiser
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
@@ -217,10 +217,10 @@ def _load_safetensors_denoiser(path: Path, device: str | torch.device):
 
 
 def _main(argv: list[str] | None = None) -> None:
-    """``python -m models.checkpoint export <checkpoint or run dir> <out.safetensors> [--raw]``."""
+    """``python -m training.checkpoint export <checkpoint or run dir> <out.safetensors> [--raw]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m models.checkpoint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.checkpoint", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write the (EMA) network weights of a checkpoint as safetensors")
     exp.add_argument("checkpoint", help="checkpoint file, or a run directory (its newest checkpoint)")

@@ -1,0 +1,28 @@
+"""Building a denoiser from a run config: the network of ``models`` wrapped in the preconditioning of ``diffusion``.
+
+This is where the two layers meet (Karras et al. 2022, arXiv 2206.00364, Sec. 5 and Table 1: D = c_skip·x +
+c_out·F(c_in·x; c_noise)): ``models`` knows nothing of σ and ``diffusion.preconditioning`` wraps whatever network it
+is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusion.preconditioning import Preconditioner, build_preconditioner
+from models import build_network
+
+
+def build_denoiser(cfg: Any, img_resolution: int, img_channels: int, label_dim: int = 0,
+                   augment_dim: int = 0) -> Preconditioner:
+    """A freshly initialised denoiser from a full run config (its ``model`` and ``precond`` groups)."""
+    net = build_network(cfg.model if hasattr(cfg, "model") else cfg["model"], img_resolution=img_resolution,
+                        img_channels=img_channels, label_dim=label_dim, augment_dim=augment_dim)
+    precond = cfg.precond if hasattr(cfg, "precond") else cfg["precond"]
+    denoiser = build_preconditioner(precond, net)
+    # The data geometry travels with the denoiser so that samplers know what to generate.
+    denoiser.img_resolution = int(img_resolution)
+    denoiser.img_channels = int(img_channels)
+    denoiser.label_dim = int(label_dim)
+    denoiser.augment_dim = int(augment_dim)
+    return denoiser
