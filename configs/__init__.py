@@ -9,6 +9,7 @@ fails with a message that names the group, the bad key and the valid choices.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,12 +17,42 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def to_plain_dict(cfg: Any) -> dict[str, Any]:
-    """A resolved, plain-``dict`` copy of a DictConfig (or mapping)."""
+    """A resolved, plain-``dict`` copy of a DictConfig (or mapping); ``None`` gives ``{}``."""
+    if cfg is None:
+        return {}
     if isinstance(cfg, DictConfig):
         return dict(OmegaConf.to_container(cfg, resolve=True))
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise TypeError(f"expected a config mapping, got {type(cfg).__name__}")
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty mapping is kept as a leaf value."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, Mapping) and (node or not prefix):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def jsonable(value: Any) -> Any:
+    """Plain, strict JSON values: non-finite floats (e.g. ``sampler.S_max = inf``) become the strings 'inf' / '-inf' /
+    'nan', tuples lists, and unknown objects their ``str()``."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
 
 
 def check_kwargs(group: str, option: str, factory: Any, kwargs: Mapping[str, Any]) -> None:

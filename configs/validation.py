@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from configs import flatten
+
 # Fields that define what is being trained. Resuming a checkpoint whose values differ in any of these would silently
 # continue a different experiment, so ``config_differences`` reports them.
 RESUME_MUST_MATCH = ("model", "data", "precond", "schedule", "weighting", "seed", "train.batch", "train.lr",
@@ -105,19 +107,10 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
              f"must be null, 'auto' or a path to a checkpoint / run directory, got {resume!r}")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: node}
-
-
 def config_differences(saved: dict, current: dict, fields: tuple[str, ...] = RESUME_MUST_MATCH,
                        ignore: tuple[str, ...] = ("data.path",)) -> list[str]:
     """Human-readable 'field: saved -> current' lines for the ``fields`` (and their sub-keys) that differ."""
-    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    flat_saved, flat_current = flatten(saved), flatten(current)
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_current)):
         if not any(key == f or key.startswith(f + ".") for f in fields) or key in ignore:

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_open, atomic_write_bytes
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -67,38 +69,10 @@ def default_shard_size(item_bytes: int, target_bytes: int = 256 << 20, cap: int 
     return int(max(1, min(cap, target_bytes // max(1, item_bytes))))
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` made atomic (temporary file + fsync + rename)."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``np.save`` made atomic (``data.atomic``)."""
+    with atomic_open(path, "wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:

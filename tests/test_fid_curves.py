@@ -1,8 +1,8 @@
 """Tests of evaluate.py on a real tiny training run: FID-vs-kimg curves, the images-to-target table, distributed
 sampling under torchrun, EDM's minimum-of-seeds protocol and the training-time hook.
 
-Independent references: the curve's points recomputed here with training.generate.generate_images + compute_metrics on the
-checkpoint's EMA weights; 1-process sampling for the 2-rank run; hand-computed interpolations for the table.
+Independent references: the curve's points recomputed here with training.generate.generate_images + compute_metrics
+on the checkpoint's EMA weights; 1-process sampling for the 2-rank run; hand-computed interpolations for the table.
 """
 
 from __future__ import annotations

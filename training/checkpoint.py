@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from data.atomic import atomic_open, atomic_write_bytes
 
 FORMAT = "sigmalab-checkpoint"
 VERSION = 1
@@ -68,38 +69,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tagged with the format and version) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
     return path
 
 
@@ -155,23 +131,14 @@ def export_safetensors(path: str | os.PathLike, out: str | os.PathLike, ema: boo
     """
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     state = load_checkpoint(path)
     weights = {k: v.contiguous() for k, v in state["ema" if ema else "net"].items()}
     metadata = {"format": "sigmalab-weights", "weights": "ema" if ema else "net",
                 "config": json.dumps(state["config"]), "geometry": json.dumps(state["geometry"]),
                 "progress": json.dumps(state["progress"])}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(weights, tmp_name, metadata=metadata)
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out, safetensors_bytes(weights, metadata=metadata))
     return out
 
 

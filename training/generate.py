@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from configs import to_plain_dict
+from configs import jsonable, to_plain_dict
 from data import LatentCodec, to_uint8
 from diffusion.guidance import apply_guidance, guidance_settings
 from diffusion.per_image_noise import PerImageNoise
@@ -228,19 +228,6 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) 
     save_png(grid, path, upscale=min(upscale, 8))
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values (non-finite floats, e.g. S_max = inf, become the strings 'inf' / '-inf' / 'nan')."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def write_samples(images: Tensor, seeds: Sequence[int], labels: Tensor | None, out_dir: str | os.PathLike,
                   write_pngs: bool = True, metadata: dict[str, Any] | None = None) -> Path:
     """Write PNGs, ``samples.npz`` and ``grid.png`` into ``out_dir``; returns the npz path.
@@ -264,7 +251,7 @@ def write_samples(images: Tensor, seeds: Sequence[int], labels: Tensor | None, o
     np.savez(npz_path, **arrays)
     if metadata is not None:
         with open(out_dir / "samples.json", "w") as f:
-            json.dump(_jsonable(metadata), f, indent=2)
+            json.dump(jsonable(metadata), f, indent=2)
             f.write("\n")
     save_grid(images[:256], out_dir / "grid.png")
     return npz_path
