@@ -1,6 +1,7 @@
 # sigmalab — the two commands of the README:
 #   make demo   set up .venv if needed, then train → sample → evaluate on the embedded digits (CPU, ~10 min)
 #   make test   set up .venv if needed, then run the test suite
+#   make lint   ruff, and lint-imports (the package layers of pyproject.toml's [tool.importlinter])
 # `make setup` alone creates .venv; it is skipped when .venv already holds what pyproject.toml asks for.
 
 PYTHON ?= python3
@@ -34,6 +35,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
