@@ -54,7 +54,7 @@ def sync(device: torch.device) -> None:
 
 
 class Arm:
-    """One model + optimizer + schedule, stepping like train.py's loop."""
+    """One model + optimizer + schedule, stepping like the training loop (``training.trainer``)."""
 
     def __init__(self, denoiser: torch.nn.Module, schedule, weighting, device: torch.device, lr: float = 1e-3):
         self.net = denoiser

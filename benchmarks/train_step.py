@@ -1,13 +1,14 @@
-"""Training-step throughput and peak memory of ``train.py``'s real step, per model x precision x compile, as ratios
-against the plain fp32 eager step measured in the same run; and the DDP scaling efficiency of 1 vs 2 processes.
+"""Training-step throughput and peak memory of the real training step (``training.trainer``), per model x precision
+x compile, as ratios against the plain fp32 eager step measured in the same run; and the DDP scaling efficiency of
+1 vs 2 processes.
 
     python benchmarks/train_step.py                                   # CPU: unet_tiny on digits, fp32/bf16, eager
     python benchmarks/train_step.py --models unet_tiny,ddpmpp --precisions fp32,bf16,fp16 --compile both
     python benchmarks/train_step.py --ddp                             # + 1 vs 2 processes (gloo on CPU, NCCL on GPU)
     python benchmarks/train_step.py --json out.json
 
-Each row builds ``train.Trainer`` from the real configs (``--set key=value`` adds overrides, e.g.
-``--set data=cifar10 --set data.path=...``), warms up, then times ``Trainer._train_step`` — data loading, σ and noise
+Each row builds ``training.trainer.Trainer`` from the real configs (``--set key=value`` adds overrides, e.g.
+``--set data=cifar10 --set data.path=...``), warms up, then times ``Trainer.train_step`` — data loading, σ and noise
 draws, forward, backward, the optimizer and the EMA — over ``--steps`` steps, median of ``--repeats`` blocks. The
 first row of each model (fp32, eager) is its baseline; every other row prints its speed and memory relative to it.
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the growth of the peak resident set size of a fresh
@@ -47,30 +48,30 @@ def measure(model: str, precision: str, compile_: bool, batch: int, steps: int, 
     """Time the training step of one configuration in this process."""
     import torch
 
-    import train as train_module
     from training.distributed import init_distributed
+    from training.trainer import Trainer
 
     overrides = [f"model={model}", f"train.precision={precision}", f"train.compile={str(compile_).lower()}",
                  f"train.batch={batch}", f"device={device}", "train.lr_rampup_kimg=0", *extra]
     cfg = _compose(overrides)
     dist_info = init_distributed(cfg.device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    trainer = train_module.Trainer(cfg, dist_info)
-    trainer._build_optimisation()
+    trainer = Trainer(cfg, dist_info)
+    trainer.build_optimisation()
     torch.manual_seed(cfg.seed + dist_info.rank)
-    batches = trainer._data_stream()
+    batches = trainer.data_stream()
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     for _ in range(max(3, steps // 4)):  # warm-up (and compilation)
-        trainer._train_step(batches)
+        trainer.train_step(batches)
     sync()
     times = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer._train_step(batches)
+            trainer.train_step(batches)
         sync()
         times.append((time.perf_counter() - t0) / steps)
     sec = statistics.median(times)

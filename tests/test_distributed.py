@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-import train as train_module
 from tests.helpers import FAST_TRAIN, compose, run_cli
 from training.checkpoint import load_checkpoint
+from training.trainer import train
 
 # After 8 Adam steps from the same start, parameters that differ only by float32 summation order agree to ~1e-6
 # (Adam normalises the update, so a relative gradient difference of 1e-7 moves a weight by ≲ lr·1e-7·steps). 1e-4 is a
@@ -33,8 +33,8 @@ def _assert_close_params(a, b, atol=PARAM_ATOL):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     cfg_a = compose("train", [f"run_dir={tmp_path / 'one'}", *FAST_TRAIN])
     cfg_b = compose("train", [f"run_dir={tmp_path / 'acc'}", *FAST_TRAIN, "train.batch_gpu=8"])
-    train_module.train(cfg_a)
-    train_module.train(cfg_b)
+    train(cfg_a)
+    train(cfg_b)
     _assert_close_params(_final_params(tmp_path / "one"), _final_params(tmp_path / "acc"))
 
 
@@ -99,7 +99,7 @@ def test_bf16_autocast_loss_close_to_fp32():
 
 def test_bf16_training_runs(tmp_path):
     cfg = compose("train", [f"run_dir={tmp_path}", *FAST_TRAIN, "train.precision=bf16"])
-    train_module.train(cfg)
+    train(cfg)
     state = load_checkpoint(tmp_path)
     assert all(torch.isfinite(v).all() for v in state["net"].values())
 

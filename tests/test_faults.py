@@ -14,9 +14,10 @@ import time
 import pytest
 import torch
 
-import train as train_module
 from tests.helpers import FAST_TRAIN, ROOT, compose, run_cli
 from training.checkpoint import list_checkpoints, load_checkpoint
+from training.distributed import init_distributed
+from training.trainer import Trainer, train
 
 # 16 steps of 32 images with a checkpoint every 2 steps (64 images).
 LONG = [*FAST_TRAIN, "train.total_kimg=0.512", "train.checkpoint_kimg=0.064", "train.tick_kimg=0.064",
@@ -40,7 +41,7 @@ def _wait_for_checkpoints(run_dir, count, proc, timeout=180):
 
 def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(tmp_path):
     reference = tmp_path / "reference"
-    train_module.train(compose("train", [f"run_dir={reference}", *LONG]))
+    train(compose("train", [f"run_dir={reference}", *LONG]))
 
     victim = tmp_path / "victim"
     proc = _start_training(victim)
@@ -73,8 +74,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     steps = state["progress"]["step"]
     assert steps >= 1
     # Resuming continues the step count.
-    train_module.train(compose("train", [f"run_dir={run_dir}", *LONG, f"train.total_kimg={(steps + 2) * 32 / 1000}",
-                                         "train.checkpoint_kimg=1000"]))
+    train(compose("train", [f"run_dir={run_dir}", *LONG, f"train.total_kimg={(steps + 2) * 32 / 1000}",
+                            "train.checkpoint_kimg=1000"]))
     assert load_checkpoint(run_dir)["progress"]["step"] == steps + 2
 
 
@@ -91,7 +92,7 @@ def _nan_after(calls: int):
 
 def test_nan_stops_with_step_sigma_and_indices(tmp_path, monkeypatch):
     cfg = compose("train", [f"run_dir={tmp_path}", *LONG])
-    trainer = train_module.Trainer(cfg, train_module.init_distributed("cpu"))
+    trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.denoiser.net.register_forward_hook(_nan_after(5))
     with pytest.raises(FloatingPointError) as info:
         trainer.run(tmp_path)
@@ -105,13 +106,13 @@ def test_nan_stops_with_step_sigma_and_indices(tmp_path, monkeypatch):
     assert "[" + ", ".join(map(str, expected[:16])) + ", ...]" in message
     # The checkpoints written before the fault are intact and loadable; the run can resume from them.
     assert load_checkpoint(tmp_path)["progress"]["step"] == 4
-    train_module.train(compose("train", [f"run_dir={tmp_path}", *LONG]))
+    train(compose("train", [f"run_dir={tmp_path}", *LONG]))
     assert load_checkpoint(tmp_path)["progress"]["step"] == 16
 
 
 def test_nan_skip_mode_counts_and_continues(tmp_path):
     cfg = compose("train", [f"run_dir={tmp_path}", *LONG, "train.nonfinite=skip", "train.max_skipped_steps=3"])
-    trainer = train_module.Trainer(cfg, train_module.init_distributed("cpu"))
+    trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.denoiser.net.register_forward_hook(_nan_after(3))  # steps 3, 4, 5, ... produce NaN
     with pytest.raises(FloatingPointError, match="more than train.max_skipped_steps=3"):
         trainer.run(tmp_path)

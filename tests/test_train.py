@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-import train as train_module
 from tests.helpers import FAST_TRAIN, compose, run_cli
 from training.checkpoint import list_checkpoints, load_checkpoint
+from training.trainer import train
 
 
-def _train(run_dir, *overrides):
+def _train(run_dir, *overrides, **hooks):
     cfg = compose("train", [f"run_dir={run_dir}", *FAST_TRAIN, *overrides])
-    train_module.train(cfg)
+    train(cfg, **hooks)
     return cfg
 
 
@@ -45,7 +45,7 @@ def test_loss_decreases_on_digits(tmp_path):
     cfg = compose("train", [f"run_dir={tmp_path}", "train.batch=64", "train.total_kimg=19.2", "train.tick_kimg=3.2",
                             "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "train.lr_rampup_kimg=1",
                             "train.grid_seeds=0"])
-    train_module.train(cfg)
+    train(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6
@@ -99,11 +99,20 @@ def test_bad_config_values_fail_fast_with_clear_errors(tmp_path, override, messa
 def test_periodic_evaluation_is_logged_and_keeps_resume_exact(tmp_path):
     """eval.every_kimg logs the classifier-FID to metrics.jsonl, and evaluating does not perturb training."""
     evaluated, plain = tmp_path / "evaluated", tmp_path / "plain"
+    from train import evaluate_during_training  # the hook train.py wires into the Trainer
+
     extra = ["eval.every_kimg=0.128", "eval.num_samples_during_training=50", "sampler.num_steps=4"]
-    _train(evaluated, *extra)
+    _train(evaluated, *extra, evaluate_fn=evaluate_during_training)
     _train(plain)
     records = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
     fids = [r["eval/fid_digits_classifier"] for r in records if "eval/fid_digits_classifier" in r]
     assert len(fids) == 2 and all(f > 0 for f in fids)
     a, b = load_checkpoint(evaluated), load_checkpoint(plain)
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+
+
+def test_periodic_evaluation_needs_its_hook(tmp_path):
+    """training/ cannot import evaluation/: without the hook that train.py passes, eval.every_kimg fails fast."""
+    with pytest.raises(ValueError, match="eval.every_kimg=0.128 asks for evaluation during training"):
+        _train(tmp_path, "eval.every_kimg=0.128")
+    assert not (tmp_path / "checkpoints").exists()

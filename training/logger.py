@@ -1,0 +1,94 @@
+"""A run's metrics: ``<run_dir>/metrics.jsonl`` always, Weights & Biases when ``logger=wandb``; and the per-tick
+training record (loss, MSE, gradient norm, throughput) that goes into them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs.validation import ConfigError
+from training.distributed import all_reduce_sum
+
+
+class RunLogger:
+    """Appends one JSON object per call to ``metrics.jsonl``; mirrors it to wandb if configured (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, logger_cfg: Any, config: dict, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if logger_cfg.name not in ("local", "wandb"):
+            raise ConfigError(f"logger: unknown logger '{logger_cfg.name}'; valid choices: local, wandb")
+        if enabled and logger_cfg.name == "wandb":
+            self.wandb_run = self._init_wandb(run_dir, logger_cfg, config)
+
+    @staticmethod
+    def _init_wandb(run_dir: Path, cfg: Any, config: dict):
+        if cfg.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logger.mode: must be online, offline or disabled, got {cfg.mode!r}")
+        import wandb
+
+        # A stable id stored in the run directory makes a resumed run continue the same wandb run.
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
+                          mode=cfg.mode, dir=str(run_dir), config=config, name=run_dir.name, id=run_id,
+                          resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                               step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+class TickMeter:
+    """What one tick (``train.tick_kimg``) of training sums up, per rank: the weighted loss, the unweighted MSE, the
+    images and the gradient norm; ``record`` reduces the sums over ranks into the tick's metrics."""
+
+    def __init__(self, cur_nimg: int, device: torch.device):
+        self.nimg, self.time = cur_nimg, time.time()
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def add(self, stats: dict[str, Any], images: int, world_size: int) -> None:
+        """Add one step's ``stats`` (``loss_sum``, ``mse_sum``, ``grad_norm``) over this rank's ``images``."""
+        # The gradient norm is the same on every rank: each adds its share, so the sum over ranks counts it once.
+        self.sums += torch.stack([stats["loss_sum"], stats["mse_sum"], stats["loss_sum"].new_tensor(images),
+                                  stats["grad_norm"].double() / world_size])
+
+    def record(self, cur_nimg: int, step: int, batch: int, num_dims: int, lr: float, ema_beta: float,
+               skipped_steps: int) -> dict[str, Any]:
+        """The tick's metrics (a collective call: every rank must make it). Losses are per image and dimension."""
+        totals = all_reduce_sum(self.sums.clone())
+        images = float(totals[2])
+        elapsed = time.time() - self.time
+        kimg_done = (cur_nimg - self.nimg) / 1000
+        steps_done = max(kimg_done * 1000 / batch, 1e-9)
+        return {
+            "kimg": cur_nimg / 1000, "step": step,
+            "loss": float(totals[0]) / max(images, 1) / num_dims,  # weighted loss per dimension
+            "mse": float(totals[1]) / max(images, 1) / num_dims,  # unweighted ‖D − y‖² per dimension
+            "grad_norm": float(totals[3]) / steps_done,
+            "lr": lr, "ema_beta": ema_beta, "skipped_steps": skipped_steps,
+            "img_per_s": kimg_done * 1000 / max(elapsed, 1e-9),
+            "sec_per_kimg": elapsed / max(kimg_done, 1e-9),
+            "time": time.time(),
+        }
+
+    def reset(self, cur_nimg: int) -> None:
+        self.sums.zero_()
+        self.nimg, self.time = cur_nimg, time.time()

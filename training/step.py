@@ -1,0 +1,70 @@
+"""The pieces of one optimisation step that need no Trainer: the learning-rate ramp, preparing a micro-batch,
+mixed precision, and naming the images of a step that went non-finite.
+
+``Trainer.train_step`` (``training.trainer``) puts them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from data import to_model_space
+from data.order import epoch_permutation
+
+# train.precision -> the autocast dtype of the network's forward pass (None: plain fp32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def learning_rate(train_cfg: Any, cur_nimg: int) -> float:
+    """``train.lr``, ramped up linearly over the first ``train.lr_rampup_kimg`` (none when that is 0)."""
+    t = train_cfg
+    return t.lr * (min(cur_nimg / (t.lr_rampup_kimg * 1000.0), 1.0) if t.lr_rampup_kimg > 0 else 1.0)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def micro_batch(batches: Iterator, device: torch.device, *, augment: Any = None, channels_last: bool = False,
+                label_dim: int = 0, keep: torch.Tensor | None = None) -> tuple[Any, Any, Any]:
+    """The next (images, labels) of ``batches`` on ``device``, in model space: (images, one-hot labels or None,
+    augment labels or None). ``augment`` is the augmentation pipe; ``keep`` the label-dropout mask of the slice of the
+    global batch this micro-batch is (a dropped label becomes an all-zero one-hot vector)."""
+    images, labels = next(batches)
+    images = to_model_space(images.to(device, non_blocking=True))
+    augment_labels = None
+    if augment is not None:
+        images, augment_labels = augment(images)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    onehot = None
+    if label_dim:
+        onehot = torch.nn.functional.one_hot(labels.to(device).long(), label_dim).float()
+        if keep is not None:
+            onehot = onehot * keep
+    return images, onehot, augment_labels
+
+
+def batch_indices(num_images: int, seed: int, first: int, count: int) -> list[int]:
+    """The dataset indices at positions ``first`` .. ``first + count - 1`` of the run's data order (for reports)."""
+    out = []
+    for p in range(first, first + count):
+        out.append(int(epoch_permutation(num_images, seed, p // num_images)[p % num_images]))
+    return out
+
+
+def non_finite_message(step: int, start_nimg: int, loss: torch.Tensor, grad_norm: torch.Tensor, sigma: torch.Tensor,
+                       rank: int, indices: list[int]) -> str:
+    """What went non-finite in ``step``, at which σ, and on which dataset images (the first 16 of this rank's)."""
+    what = "loss" if not torch.isfinite(loss) else "gradient"
+    shown = ", ".join(map(str, indices[:16])) + (", ..." if len(indices) > 16 else "")
+    return (f"non-finite {what} at step {step} ({start_nimg / 1000:.3f} kimg): loss {float(loss)}, "
+            f"grad norm {float(grad_norm)}, σ in [{float(sigma.min()):.4g}, {float(sigma.max()):.4g}], "
+            f"dataset indices (rank {rank}) [{shown}]")
