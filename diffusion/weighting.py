@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from configs import build_from_registry
+from diffusion.schedules import build_schedule
 
 
 class LossWeighting:
@@ -167,8 +168,6 @@ class ImportanceWeighting(LossWeighting):
 
     def __init__(self, target: Any, reference: Any, img_resolution: int | None = None,
                  sigma_data: float | None = None):
-        from diffusion.schedules import build_schedule  # local: schedules may import this module
-
         context = {k: v for k, v in (("img_resolution", img_resolution), ("sigma_data", sigma_data))
                    if v is not None}
         if target is None or reference is None:

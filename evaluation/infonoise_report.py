@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusion.run_state import infonoise_from_run_state
 from diffusion.schedules.infonoise import PI_QUANTILES, InfoNoise
 
 _PREFIX = "schedule/"
@@ -67,7 +68,7 @@ def load_profiles(run_dir: str | os.PathLike, max_checkpoints: int = 6) -> list[
     out = []
     for path in _pick(list_checkpoints(run_dir), max_checkpoints):
         state = load_checkpoint(path)
-        sch = InfoNoise.from_checkpoint(state)
+        sch = infonoise_from_run_state(state)
         # the table takes over at the first refresh at or after warmup_steps
         warm_steps = math.ceil(int(sch.warmup_steps) / sch.refresh_every) * sch.refresh_every
         warm_kimg = warm_steps * int(state["config"]["train"]["batch"]) / 1000.0

@@ -460,8 +460,9 @@ def test_profile_report_plot(tmp_path):
     """The report reads metrics.jsonl and checkpoints of a (synthetic) run and writes a PNG."""
     import json
 
+    from diffusion.run_state import infonoise_from_run_state
     from evaluation.infonoise_report import plot_infonoise_profile
-    from training.checkpoint import checkpoint_name, save_checkpoint
+    from training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 
     sch = InfoNoise(weighting=EDMWeighting(SIGMA_DATA), sigma_data=SIGMA_DATA, warmup_steps=20, refresh_every=20,
                     num_dims=64)
@@ -485,7 +486,7 @@ def test_profile_report_plot(tmp_path):
                     "config": cfg, "geometry": {"img_resolution": 8, "img_channels": 1, "label_dim": 0},
                     "progress": {"cur_nimg": step * 256, "step": step},
                     "schedule": [{k: v.cpu() for k, v in sch.state_dict().items()}]})
-    restored = InfoNoise.from_checkpoint(tmp_path)
+    restored = infonoise_from_run_state(load_checkpoint(tmp_path))
     assert torch.equal(restored.table.cum_mass, sch.table.cum_mass) and restored.num_dims == 64
     out_png = plot_infonoise_profile(tmp_path, tmp_path / "profile.png")
     assert Path(out_png).stat().st_size > 10_000

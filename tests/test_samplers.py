@@ -414,10 +414,11 @@ def test_quantile_grid_of_tabulated_profile():
     np.testing.assert_allclose(sigmas[:-1].numpy(), expected, rtol=1e-12)
 
 
-def test_infogrid_from_an_infonoise_checkpoint():
+def test_infogrid_from_an_infonoise_checkpoint(tmp_path):
     """steps_from=infonoise[:variant]: sample.py rebuilds the run's InfoNoise and uses its step density."""
     from diffusion.schedules.infonoise import InfoNoise
     from diffusion.weighting import build_weighting
+    from training.checkpoint import save_checkpoint
     from training.generate import load_profile_schedule
 
     run_cfg = {"schedule": {"name": "infonoise", "warmup_steps": 0, "refresh_every": 1, "min_count": 1},
@@ -430,10 +431,11 @@ def test_infogrid_from_an_infonoise_checkpoint():
     schedule.on_step(1)
     state = {"config": run_cfg, "geometry": {"img_resolution": 4, "img_channels": 1, "label_dim": 0},
              "schedule": [schedule.state_dict()]}
+    ckpt = save_checkpoint(tmp_path / "checkpoint-0000000064.pt", state)
     cfg = {"name": "heun", "num_steps": 12, "sigma_min": 0.002, "sigma_max": 80.0}
     for steps_from, variant, kwargs in [("infonoise", "profile", {}), ("infonoise:rate", "rate", {}),
                                         ("infonoise:mix:0.25", "mix", {"edm_weight": 0.25})]:
-        profile = load_profile_schedule(state, steps_from)
+        profile = load_profile_schedule(ckpt, steps_from)
         grid = build_sigma_grid({**cfg, "steps_from": steps_from}, profile_schedule=profile)
         expected = quantile_grid(schedule.step_density(variant, **kwargs), 12, 0.002, 80.0)
         torch.testing.assert_close(grid, expected, rtol=1e-12, atol=0)
@@ -441,7 +443,7 @@ def test_infogrid_from_an_infonoise_checkpoint():
     # (infonoise.md §2.9), so its equal-mass grid is uniform in I: σ_i = s/√(exp(2·I_i/d) − 1). The 64-bin tabulation
     # and the bin smoothing leave ~0.15% (measured); allow 1%.
     rate_grid = build_sigma_grid({**cfg, "steps_from": "infonoise:rate"},
-                                 profile_schedule=load_profile_schedule(state, "infonoise:rate"))
+                                 profile_schedule=load_profile_schedule(ckpt, "infonoise:rate"))
     info = 0.5 * np.log1p(S**2 / np.array([80.0, 0.002]) ** 2)  # I/d at σ_max, σ_min
     levels = info[0] + np.arange(12) / 11 * (info[1] - info[0])
     np.testing.assert_allclose(rate_grid[:-1].numpy(), S / np.sqrt(np.expm1(2 * levels)), rtol=0.01)

@@ -25,10 +25,10 @@ from configs import jsonable, to_plain_dict
 from data import LatentCodec, to_uint8
 from diffusion.guidance import apply_guidance, guidance_settings
 from diffusion.per_image_noise import PerImageNoise
+from diffusion.run_state import infonoise_from_run_state
 from diffusion.samplers import SAMPLERS, NFECounter, sampler_options
-from diffusion.schedules.infonoise import InfoNoise
 from diffusion.sigma_grids import build_sigma_grid, parse_infogrid
-from training.checkpoint import load_denoiser
+from training.checkpoint import load_checkpoint, load_denoiser
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -261,12 +261,13 @@ def load_profile_schedule(ckpt: str | os.PathLike, steps_from: str = "infonoise"
                           device: torch.device | str = "cpu") -> Any:
     """The InfoGrid step-placement density of an InfoNoise run, for ``sampler.steps_from=infonoise[:variant[:w]]``.
 
-    Rebuilds the run's InfoNoise schedule from the checkpoint (``InfoNoise.from_checkpoint``) and returns its
-    ``step_density(variant, edm_weight=w)``, a ``TabulatedLogSigma`` whose equal-mass quantiles are the steps.
+    Rebuilds the run's InfoNoise schedule from the checkpoint (``diffusion.run_state.infonoise_from_run_state``)
+    and returns its ``step_density(variant, edm_weight=w)``, a ``TabulatedLogSigma`` whose equal-mass quantiles
+    are the steps.
     """
     parsed = parse_infogrid(steps_from)
     if parsed is None:
         raise ValueError(f"sampler.steps_from={steps_from} does not name an InfoGrid (infonoise[:variant[:w]])")
     variant, weight = parsed
-    schedule = InfoNoise.from_checkpoint(ckpt, device=device)
+    schedule = infonoise_from_run_state(load_checkpoint(ckpt), device=device)
     return schedule.step_density(variant, **({} if weight is None else {"edm_weight": weight}))

@@ -27,6 +27,7 @@ from configs import build_from_registry
 from diffusion.schedules.base import NoiseSchedule
 from diffusion.schedules.cosine import Cosine, CosineScaled, CosineShifted
 from diffusion.schedules.discrete import DiscreteDDPM
+from diffusion.schedules.fixed import FIXED_SCHEDULES
 from diffusion.schedules.infonoise import InfoNoise
 from diffusion.schedules.lognormal import LogNormal
 from diffusion.schedules.logsnr import Cauchy, Laplace, UniformLogSNR
@@ -35,19 +36,8 @@ from diffusion.schedules.tabulated import TabulatedLogSigma
 from diffusion.schedules.vp_ve import VE, VP
 
 SCHEDULES: dict[str, type[NoiseSchedule]] = {
-    "lognormal": LogNormal,
-    "logit_normal": LogitNormal,
-    "fm_ot": FlowMatchingOT,
-    "cosine": Cosine,
-    "cosine_shifted": CosineShifted,
-    "cosine_scaled": CosineScaled,
-    "laplace": Laplace,
-    "cauchy": Cauchy,
-    "uniform_logsnr": UniformLogSNR,
-    "vp": VP,
-    "ve": VE,
-    "discrete_ddpm": DiscreteDDPM,
-    "infonoise": InfoNoise,  # adaptive: learned online from the training losses (Raya et al. 2026)
+    **FIXED_SCHEDULES,
+    "infonoise": InfoNoise,  # adaptive: learned online from the training losses (Raya et al. 2026, arXiv 2602.18647)
 }
 
 
@@ -63,5 +53,5 @@ def build_schedule(schedule_cfg: Any, **context: Any) -> NoiseSchedule:
 __all__ = [
     "NoiseSchedule", "LogNormal", "LogitNormal", "FlowMatchingOT", "Cosine", "CosineShifted", "CosineScaled",
     "Laplace", "Cauchy", "UniformLogSNR", "VP", "VE", "DiscreteDDPM", "InfoNoise", "TabulatedLogSigma",
-    "SCHEDULES", "build_schedule",
+    "FIXED_SCHEDULES", "SCHEDULES", "build_schedule",
 ]

@@ -52,7 +52,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from configs import build_from_registry
 from diffusion.schedules.base import NoiseSchedule
+from diffusion.schedules.fixed import FIXED_SCHEDULES
 from diffusion.schedules.lognormal import LogNormal
 from diffusion.schedules.tabulated import TabulatedLogSigma
 
@@ -94,7 +96,7 @@ class InfoNoise(NoiseSchedule):
 
     Args:
         base: the warm-up schedule: a ``NoiseSchedule``, a schedule config mapping (built with
-            ``diffusion.schedules.build_schedule``) or None for EDM's log-normal (p_mean −1.2, p_std 1.2).
+            ``diffusion.schedules.fixed``) or None for EDM's log-normal (p_mean −1.2, p_std 1.2).
         grid_sigma_min, grid_sigma_max, num_bins: the estimation grid, uniform in ln σ; also the support of π.
         warmup_fraction: fraction of the training steps (``total_nimg``/``batch_size``) drawn from ``base``.
         warmup_steps: the warm-up in optimizer steps; overrides ``warmup_fraction`` when given.
@@ -233,9 +235,8 @@ class InfoNoise(NoiseSchedule):
         if isinstance(base, Mapping) or hasattr(base, "keys"):
             if dict(base).get("name") == InfoNoise.name:
                 raise ValueError("schedule.base cannot itself be infonoise; use e.g. {name: lognormal}")
-            from diffusion.schedules import build_schedule  # late import: the registry imports this module
-
-            return build_schedule(base, **{k: v for k, v in context.items() if v is not None})
+            return build_from_registry("schedule.base", FIXED_SCHEDULES, base,
+                                       context={k: v for k, v in context.items() if v is not None})
         raise ValueError(f"schedule.base must be a schedule config (e.g. {{name: lognormal}}), a NoiseSchedule or "
                          f"null, got {type(base).__name__}")
 
@@ -511,42 +512,6 @@ class InfoNoise(NoiseSchedule):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpointing
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Any | Mapping[str, Any], rank: int = 0,
-                        device: torch.device | str = "cpu") -> InfoNoise:
-        """The InfoNoise state of a sigmalab checkpoint (a path, a run directory or a loaded checkpoint dict).
-
-        Rebuilt from the checkpoint's own config (schedule, weighting, precond, train), then loaded with rank
-        ``rank``'s schedule state. Raises ValueError when the run did not train with ``schedule=infonoise``.
-        """
-        if isinstance(checkpoint, Mapping):
-            state = checkpoint
-        else:
-            from training.checkpoint import load_checkpoint
-
-            state = load_checkpoint(checkpoint)
-        cfg = state["config"]
-        sched_cfg = dict(cfg["schedule"])
-        if sched_cfg.get("name") != cls.name:
-            raise ValueError(f"checkpoint was trained with schedule={sched_cfg.get('name')}, not infonoise: it has "
-                             "no learned profile; measure one with diffusion.schedules.infonoise.measure_profile")
-        from diffusion.weighting import build_weighting
-
-        geometry = state.get("geometry", {})
-        num_dims = None
-        if "img_channels" in geometry and "img_resolution" in geometry:
-            num_dims = int(geometry["img_channels"]) * int(geometry["img_resolution"]) ** 2
-        sched_cfg.pop("name")
-        schedule = cls(**sched_cfg, weighting=build_weighting(cfg["weighting"]),
-                       sigma_data=cfg.get("precond", {}).get("sigma_data"), num_dims=num_dims,
-                       total_nimg=int(round(float(cfg["train"]["total_kimg"]) * 1000)),
-                       batch_size=int(cfg["train"]["batch"]), img_resolution=geometry.get("img_resolution"))
-        states = state["schedule"]
-        if not 0 <= rank < len(states):
-            raise ValueError(f"checkpoint holds schedule states for ranks 0..{len(states) - 1}, asked for {rank}")
-        schedule.load_state_dict(states[rank])
-        return schedule.to(device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
