@@ -1,39 +1,24 @@
 """InfoNoise (Raya et al. 2026, arXiv 2602.18647): a training noise distribution estimated online from the loss.
 
-By the I-MMSE relation, the conditional entropy of the data y given the noisy x = y + σn falls, per unit ln σ, at
+The estimate itself — the binned I-MMSE rate m̂(σ)/σ², its EMA, smoothing, low-σ gate and DDP reduction, giving the
+normalised gated profile ρ̂ — is ``InfoNoiseEstimator`` (``infonoise_estimator.py``). ``InfoNoise`` is that estimator
+plus the schedule built from it: every ``refresh_every`` steps it rebuilds the sampling density
 
-    |dH(y | x_σ)/d ln σ| = mmse(σ)/σ²,       mmse(σ) = E‖y − E[y|x]‖²   (summed over the d data dimensions)
+    π_k ∝ ρ̂_k / w(σ_k)
 
-and the training loop already measures ‖D − y‖² for every sample. InfoNoise bins those unweighted per-sample errors
-on a fixed grid in ln σ (default 64 bins over [0.002, 80]) and, every ``refresh_every`` steps, rebuilds the sampling
-density (see ``/work/shared/papers/infonoise.md`` §2.5–2.7 for the derivation and the sources):
-
-1. window sums S_k = Σℓ, Q_k = Σℓ², counts N_k (float64, accumulated on the device with ``index_add_``, no host
-   sync; summed over DDP ranks with one ``all_reduce`` at the refresh);
-2. per-bin means ℓ̄_k = S_k/N_k where N_k ≥ ``min_count`` (sparser bins keep accumulating into the next window),
-   folded into m̂_k ← (1−β)·m̂_k + β·ℓ̄_k with β = ``ema_new_weight`` (a bin's first measurement is taken outright;
-   on the first refresh the bins with too few samples are filled by interpolating ln m̂ linearly in ln σ; below the
-   lowest measured bin the rate m̂/σ² is held constant, above the highest m̂ is held constant: the two asymptotes of
-   any data distribution);
-3. smoothing across bins with a Gaussian kernel of ``smooth_bins`` bins, applied to r_k·(1 + σ_k²/σ_ref²) — a
-   quantity that is flat at both ends of the σ range (r → d at σ → 0 for continuous data, m̂ → Var(y) at σ → ∞), so
-   the kernel does not bias the power-law tails; σ_ref = σ_data;
-4. rate per ln σ r_k = m̂_k/σ_k²; low-σ gate g_k = σ_kⁿ/(σ_kⁿ + cⁿ) (n = ``gate_n`` = 3; c pinned, ``auto``: the onset
-   rule of §2.5, or null: no gate); ρ̂_k = r_k·g_k / Σ_j r_j·g_j·Δ;
-5. π_k ∝ ρ̂_k / w(σ_k) with w the x₀-space loss weight (``divide_by_weight``), normalised to Σ π_k·Δ = 1;
-   optionally π ← (1−ε)·π + ε·π_base with ε = ``floor_mix`` (π_base: the base schedule restricted to the grid);
-6. π is stored as a ``TabulatedLogSigma`` (piecewise-constant in ln σ) and sampled by inverse CDF on the device.
+with w the x₀-space loss weight (``divide_by_weight``; the loss-weight compensation of Raya et al., their Eq. 15 as
+quoted by public re-implementations), normalised to Σ π_k·Δ = 1; optionally π ← (1−ε)·π + ε·π_base with
+ε = ``floor_mix`` (π_base: the base schedule restricted to the grid). π is stored as a ``TabulatedLogSigma``
+(piecewise-constant in ln σ on the estimator's grid) and sampled by inverse CDF on the device.
 
 For the first ``warmup_fraction`` of training (``warmup_steps``) σ is drawn from the base schedule (default EDM's
 log-normal); the estimator runs all along, and the table is switched on at the first refresh at or after the end of
 the warm-up (so the warm-up is rounded up to a multiple of ``refresh_every``).
 Base draws outside the grid are counted in the end bins.
 
-Conventions. ``update(sigma, mse)`` takes the per-sample error **summed over dimensions** (as ``DenoisingLoss``
-returns it); the logged ``area`` Σ_k r_k·Δ (from the unsmoothed bin means) is then in nats per sample — an upper
-bound on H(y) for discrete data, the likelihood-bound proxy of Kong et al. — and ``area_per_dim`` = area/d when
-``num_dims`` is known. Everything (window, m̂, gate pivot, table, grid and hyperparameters) lives in buffers, so
-``state_dict()``/``load_state_dict()`` resume exactly; a state saved with a different grid is refused.
+Everything (the estimator's window, m̂ and gate pivot, the table, the warm-up state, the grid and the
+hyperparameters) lives in buffers, so ``state_dict()``/``load_state_dict()`` resume exactly; a state saved with a
+different grid is refused, one saved with other hyperparameters loads with a warning.
 
 InfoGrid: ``step_density(variant)`` returns a ``TabulatedLogSigma`` whose equal-mass quantiles are sampling steps:
 ``rate`` (ungated r: uniform steps in H(y|x_σ), Stancevic et al.'s entropic time), ``profile`` (gated ρ̂), ``pi`` (the
@@ -49,12 +34,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from configs import build_from_registry
 from diffusion.schedules.base import NoiseSchedule
 from diffusion.schedules.fixed import FIXED_SCHEDULES
+from diffusion.schedules.infonoise_estimator import GATE_MODES, InfoNoiseEstimator
 from diffusion.schedules.lognormal import LogNormal
 from diffusion.schedules.tabulated import TabulatedLogSigma
 
@@ -66,36 +51,35 @@ PI_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _HPARAM_NAMES = ("grid_sigma_min", "grid_sigma_max", "num_bins", "refresh_every", "min_count", "ema_new_weight",
                  "smooth_bins", "gate_mode", "gate_c", "gate_n", "onset_p", "divide_by_weight", "floor_mix",
                  "sigma_ref")
-_GATE_MODES = {"none": 0.0, "pinned": 1.0, "auto": 2.0}
 _TINY = 1e-300
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _warmup_steps(warmup_fraction: float, warmup_steps: int | None, total_nimg: int | None,
+                  batch_size: int | None) -> int:
+    """The warm-up in optimizer steps: ``warmup_steps``, or ``warmup_fraction`` of ⌈total_nimg / batch_size⌉."""
+    if not 0 <= warmup_fraction <= 1:
+        raise ValueError(f"schedule.warmup_fraction must be in [0, 1], got {warmup_fraction}")
+    if warmup_steps is None:
+        if warmup_fraction == 0:
+            warmup_steps = 0
+        elif total_nimg is None or batch_size is None:
+            raise ValueError("schedule=infonoise needs warmup_steps, or total_nimg and batch_size (passed by "
+                             "train.py) to turn warmup_fraction into steps")
+        else:
+            warmup_steps = int(round(warmup_fraction * math.ceil(total_nimg / batch_size)))
+    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        raise ValueError(f"schedule.warmup_steps must be an integer >= 0 or null, got {warmup_steps!r}")
+    return warmup_steps
 
 
-def _smoothing_matrix(num_bins: int, std_bins: float) -> Tensor:
-    """K×K Gaussian smoothing (std in bins, radius ⌈3·std⌉) with replicate padding at both ends; rows sum to 1."""
-    eye = torch.eye(num_bins, dtype=torch.float64)
-    if std_bins <= 0:
-        return eye
-    radius = max(1, int(math.ceil(3.0 * std_bins)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / std_bins) ** 2)
-    kernel = kernel / kernel.sum()
-    mat = torch.zeros(num_bins, num_bins, dtype=torch.float64)
-    rows = torch.arange(num_bins)
-    for j, off in enumerate(range(-radius, radius + 1)):
-        cols = (rows + off).clamp(0, num_bins - 1)
-        mat.index_put_((rows, cols), kernel[j].expand(num_bins), accumulate=True)
-    return mat
-
-
-class InfoNoise(NoiseSchedule):
+class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
     """The online information-guided training noise distribution (see the module docstring).
 
+    An ``InfoNoiseEstimator`` (the estimate and its buffers, under their checkpoint names) that is also a
+    ``NoiseSchedule`` drawing from the base schedule during the warm-up and from its table afterwards.
+
     Args:
-        base: the warm-up schedule: a ``NoiseSchedule``, a schedule config mapping (built with
+        base: the warm-up schedule: a ``NoiseSchedule``, a schedule config mapping (a schedule of
             ``diffusion.schedules.fixed``) or None for EDM's log-normal (p_mean −1.2, p_std 1.2).
         grid_sigma_min, grid_sigma_max, num_bins: the estimation grid, uniform in ln σ; also the support of π.
         warmup_fraction: fraction of the training steps (``total_nimg``/``batch_size``) drawn from ``base``.
@@ -126,97 +110,31 @@ class InfoNoise(NoiseSchedule):
                  weighting: Callable[[Tensor], Tensor] | None = None, sigma_data: float | None = None,
                  num_dims: int | None = None, total_nimg: int | None = None, batch_size: int | None = None,
                  img_resolution: int | None = None):
-        super().__init__()
-        # --- validation ---------------------------------------------------------------------------------------------
-        if not 0 < grid_sigma_min < grid_sigma_max:
-            raise ValueError(f"schedule.grid_sigma_min/grid_sigma_max: need 0 < min < max, got {grid_sigma_min}, "
-                             f"{grid_sigma_max}")
-        if not (isinstance(num_bins, int) and num_bins >= 2):
-            raise ValueError(f"schedule.num_bins must be an integer >= 2, got {num_bins!r}")
+        super().__init__(grid_sigma_min=grid_sigma_min, grid_sigma_max=grid_sigma_max, num_bins=num_bins,
+                         min_count=min_count, ema_new_weight=ema_new_weight, smooth_bins=smooth_bins, gate_c=gate_c,
+                         gate_n=gate_n, onset_p=onset_p, num_dims=num_dims,
+                         sigma_ref=float(sigma_data) if sigma_data is not None else 0.5)
         if not (isinstance(refresh_every, int) and refresh_every >= 1):
             raise ValueError(f"schedule.refresh_every must be an integer >= 1, got {refresh_every!r}")
-        if not (isinstance(min_count, int) and min_count >= 1):
-            raise ValueError(f"schedule.min_count must be an integer >= 1, got {min_count!r}")
-        if not 0 < ema_new_weight <= 1:
-            raise ValueError(f"schedule.ema_new_weight must be in (0, 1], got {ema_new_weight}")
-        if not smooth_bins >= 0:
-            raise ValueError(f"schedule.smooth_bins must be >= 0, got {smooth_bins}")
         if not 0 <= floor_mix <= 1:
             raise ValueError(f"schedule.floor_mix must be in [0, 1], got {floor_mix}")
-        if not 0 <= warmup_fraction <= 1:
-            raise ValueError(f"schedule.warmup_fraction must be in [0, 1], got {warmup_fraction}")
-        if not gate_n > 0:
-            raise ValueError(f"schedule.gate_n must be > 0, got {gate_n}")
-        if not 0 < onset_p < 1:
-            raise ValueError(f"schedule.onset_p must be in (0, 1), got {onset_p}")
-        if gate_c is None:
-            gate_mode, gate_value = "none", float("nan")
-        elif isinstance(gate_c, str):
-            if gate_c != "auto":
-                raise ValueError(f"schedule.gate_c must be a number > 0, 'auto' or null, got {gate_c!r}")
-            gate_mode, gate_value = "auto", float("nan")
-        else:
-            if isinstance(gate_c, bool) or not float(gate_c) > 0:
-                raise ValueError(f"schedule.gate_c must be a number > 0, 'auto' or null, got {gate_c!r}")
-            gate_mode, gate_value = "pinned", float(gate_c)
         if divide_by_weight and weighting is None:
             raise ValueError("schedule=infonoise with divide_by_weight=true needs the loss weighting (train.py passes "
                              "weighting=...); pass weighting or set divide_by_weight=false")
-        if warmup_steps is None:
-            if warmup_fraction == 0:
-                warmup_steps = 0
-            elif total_nimg is None or batch_size is None:
-                raise ValueError("schedule=infonoise needs warmup_steps, or total_nimg and batch_size (passed by "
-                                 "train.py) to turn warmup_fraction into steps")
-            else:
-                warmup_steps = int(round(warmup_fraction * math.ceil(total_nimg / batch_size)))
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
-            raise ValueError(f"schedule.warmup_steps must be an integer >= 0 or null, got {warmup_steps!r}")
-
-        self.num_bins = num_bins
+        warmup_steps = _warmup_steps(warmup_fraction, warmup_steps, total_nimg, batch_size)
         self.refresh_every = refresh_every
-        self.min_count = min_count
-        self.ema_new_weight = float(ema_new_weight)
-        self.smooth_bins = float(smooth_bins)
-        self.gate_mode = gate_mode
-        self._gate_pinned = gate_value
-        self.gate_n = float(gate_n)
-        self.onset_p = float(onset_p)
         self.divide_by_weight = bool(divide_by_weight)
         self.floor_mix = float(floor_mix)
         self.weighting = weighting
-        self.sigma_ref = float(sigma_data) if sigma_data is not None else 0.5
-        self.num_dims = None if num_dims is None else int(num_dims)
-        self.process_group = None  # default group; set to a sub-group if needed
-
-        # --- base (warm-up) schedule --------------------------------------------------------------------------------
         self.base = self._build_base(base, sigma_data=sigma_data, img_resolution=img_resolution,
                                      weighting=weighting)
-
-        # --- grid and state buffers ---------------------------------------------------------------------------------
-        lo, hi = math.log(grid_sigma_min), math.log(grid_sigma_max)
-        edges = torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64)
-        self.delta = (hi - lo) / num_bins
-        self._log_lo = lo
-        f64 = dict(dtype=torch.float64)
-        self.register_buffer("log_edges", edges)
-        self._grid = (float(grid_sigma_min), float(grid_sigma_max))
         self.register_buffer("hparams", self._own_hparams())
-        # window accumulators, one row each: S = Σℓ, Q = Σℓ², N = count (per rank, not yet reduced)
-        self.register_buffer("window", torch.zeros(3, num_bins, **f64))
-        self.register_buffer("last_count", torch.zeros(num_bins, **f64))  # global samples/bin of the last window
-        self.register_buffer("last_rel_se", torch.full((num_bins,), float("nan"), **f64))
-        self.register_buffer("mhat", torch.zeros(num_bins, **f64))  # EMA of the raw bin means (before smoothing)
-        self.register_buffer("mhat_seen", torch.zeros(num_bins, dtype=torch.bool))  # bin has had a real mean
-        self.register_buffer("gate_c_value", torch.tensor(gate_value, **f64))
-        self.register_buffer("num_refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("warmup_steps", torch.tensor(warmup_steps, dtype=torch.int64))
         self.register_buffer("active", torch.zeros((), dtype=torch.bool))
-        # derived, not saved (recomputed from the grid / hyperparameters / base)
-        self.register_buffer("smoother", _smoothing_matrix(num_bins, self.smooth_bins), persistent=False)
-        self.register_buffer("base_grid_mass", self._base_masses(edges), persistent=False)
+        # derived, not saved (recomputed from the grid and the base)
+        self.register_buffer("base_grid_mass", self._base_masses(self.log_edges), persistent=False)
         # The sampling table π (starts as the base restricted to the grid, until a profile exists).
-        self.table = TabulatedLogSigma(edges, masses=self.base_grid_mass.clone())
+        self.table = TabulatedLogSigma(self.log_edges, masses=self.base_grid_mass.clone())
         # Python mirrors of the state that decides control flow, so the hot path never reads a device tensor.
         self._active = False
         self._warmup_steps = warmup_steps
@@ -256,37 +174,12 @@ class InfoNoise(NoiseSchedule):
         return torch.device("cpu")
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Grid
-
-    @property
-    def log_centers(self) -> Tensor:
-        return 0.5 * (self.log_edges[1:] + self.log_edges[:-1])
-
-    @property
-    def centers(self) -> Tensor:
-        """Bin centres σ_k (geometric midpoints)."""
-        return self.log_centers.exp()
-
-    @property
-    def win_sum(self) -> Tensor:
-        """Σℓ per bin in the current window (this rank's)."""
-        return self.window[0]
-
-    @property
-    def win_sumsq(self) -> Tensor:
-        return self.window[1]
-
-    @property
-    def win_count(self) -> Tensor:
-        return self.window[2]
+    # The distribution: the base during warm-up, the table afterwards.
 
     @property
     def in_warmup(self) -> bool:
         """True while σ is drawn from the base schedule."""
         return not self._active
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # The distribution: the base during warm-up, the table afterwards.
 
     def _log_density(self, u: Tensor) -> Tensor:
         return self.table.log_density(u) if self._active else self.base.log_density(u)
@@ -298,20 +191,7 @@ class InfoNoise(NoiseSchedule):
         return self.table.icdf(q) if self._active else self.base.icdf(q)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # The estimator
-
-    @torch.no_grad()
-    def update(self, sigma: Tensor, mse: Tensor) -> None:
-        """Accumulate per-sample unweighted errors ‖D − y‖² (summed over dims) at their σ; no host synchronisation."""
-        dev = self.window.device
-        u = sigma.detach().to(device=dev, dtype=torch.float64).reshape(-1).log()
-        ell = mse.detach().to(device=dev, dtype=torch.float64).reshape(-1)
-        if u.numel() != ell.numel():
-            raise ValueError(f"InfoNoise.update: {u.numel()} sigmas but {ell.numel()} errors")
-        ok = torch.isfinite(ell) & torch.isfinite(u)
-        k = ((u.nan_to_num(0.0) - self._log_lo) / self.delta).floor_().clamp_(0, self.num_bins - 1).long()
-        ell = ell.where(ok, 0.0)
-        self.window.index_add_(1, k, torch.stack([ell, ell * ell, ok.to(torch.float64)]))
+    # Refreshing: the estimate, then the table built from it
 
     def on_step(self, step: int) -> dict[str, float] | None:
         """Refresh at every multiple of ``refresh_every`` (the same steps on every rank); the table takes over at the
@@ -331,142 +211,41 @@ class InfoNoise(NoiseSchedule):
 
         Collective when distributed: every rank must call it at the same step.
         """
-        total = self.window.clone()
-        if _distributed():
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
-        s, q, n = total
-        fresh = n >= self.min_count
-        mean = s / n.clamp_min(1.0)
-        var = (q / n.clamp_min(1.0) - mean**2).clamp_min(0.0)
-        rel_se = (var / n.clamp_min(1.0)).sqrt() / mean.clamp_min(_TINY)
-        # Consume the bins that gave a mean; the others keep accumulating (their local, un-reduced sums).
-        self.window.masked_fill_(fresh, 0.0)
-        self.last_count.copy_(n)
-        self.last_rel_se.copy_(torch.where(fresh, rel_se, torch.full_like(rel_se, float("nan"))))
-        self.num_refreshes += 1
-
-        stats: dict[str, float] = {"refreshes": float(self.num_refreshes), "window_samples": float(n.sum()),
-                                   "empty_frac": float((~fresh).double().mean())}
-        any_fresh = bool(fresh.any())
-        if not bool(self.mhat_seen.any()):
-            if not any_fresh:
-                stats["unseen_frac"] = 1.0
-                return stats  # nothing measured yet: keep sampling from the base
-            new = self._fill_empty(torch.where(fresh, mean, torch.zeros_like(mean)), fresh)
-        else:
-            beta = self.ema_new_weight
-            blended = torch.where(self.mhat_seen, (1.0 - beta) * self.mhat + beta * mean, mean)
-            new = torch.where(fresh, blended, self.mhat)
-        self.mhat.copy_(new)
-        self.mhat_seen |= fresh
-        stats["unseen_frac"] = float((~self.mhat_seen).double().mean())
-
-        prof = self._profile_from(self.mhat, gate_c=None)
+        stats, prof = self.refresh_estimate()
+        if prof is None:
+            return stats  # nothing measured yet: keep sampling from the base
         old_cdf = self.table.cum_mass.clone()
-        self.gate_c_value.fill_(float(prof["gate_c"]))
-        self.table.set_density(prof["pi"])
+        self.table.set_density(self._density_from(prof["rho_hat"]))
         stats["max_dcdf"] = float((self.table.cum_mass - old_cdf).abs().max())
-        stats["gate_c"] = float(prof["gate_c"])
-        stats["area"] = float(prof["area"])
-        if self.num_dims:
-            stats["area_per_dim"] = stats["area"] / self.num_dims
+        stats.update(self.profile_stats(prof))
         qs = torch.tensor(PI_QUANTILES, dtype=torch.float64, device=self.table.cum_mass.device)
         for p, v in zip(PI_QUANTILES, self.table.icdf(qs).exp().tolist()):
             stats[f"pi_q{round(p * 100):02d}"] = v
         return stats
-
-    def _fill_empty(self, values: Tensor, valid: Tensor) -> Tensor:
-        """Fill bins without a mean: ln m̂ linear in ln σ between measured bins; constant rate m̂/σ² below the lowest
-        measured bin, constant m̂ above the highest."""
-        k = self.num_bins
-        u = self.log_centers
-        idx = torch.arange(k, device=values.device)
-        logv = values.clamp_min(_TINY).log()
-        prev = torch.where(valid, idx, torch.full_like(idx, -1)).cummax(0).values
-        nxt = torch.where(valid, idx, torch.full_like(idx, k)).flip(0).cummin(0).values.flip(0)
-        has_prev, has_next = prev >= 0, nxt < k
-        p, n = prev.clamp(0, k - 1), nxt.clamp(0, k - 1)
-        t = ((u - u[p]) / (u[n] - u[p]).clamp_min(_TINY)).clamp(0.0, 1.0)
-        inner = logv[p] + t * (logv[n] - logv[p])
-        below = logv[n] + 2.0 * (u - u[n])  # rate held constant
-        above = logv[p]                     # m̂ held constant
-        filled = torch.where(has_prev & has_next, inner, torch.where(has_next, below, above))
-        return torch.where(valid, values, filled.exp())
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Profile → density
 
     def _weight_at(self, sigma: Tensor) -> Tensor:
         w = self.weighting(sigma)
         w = torch.as_tensor(w, dtype=torch.float64, device=sigma.device)
         return w.expand_as(sigma)
 
-    def _onset_pivot(self, rate: Tensor) -> Tensor:
-        """The ``auto`` gate pivot: scanning from high σ down, the first σ where the per-σ rate m̂/σ³ (= r/σ),
-        relative to its maximum, reaches ``onset_p``; ln of the ratio is interpolated linearly between bins."""
-        per_sigma = rate / self.centers
-        rel = per_sigma / per_sigma.max().clamp_min(_TINY)
-        above = rel >= self.onset_p
-        idx = torch.arange(self.num_bins, device=rate.device)
-        j = int(torch.where(above, idx, torch.full_like(idx, -1)).max())  # highest bin at/above the threshold
-        if j < 0:
-            return self.centers[0]
-        if j == self.num_bins - 1:
-            return self.centers[-1]
-        lr = rel.clamp_min(_TINY).log()
-        lp = math.log(self.onset_p)
-        u = self.log_centers
-        t = ((lp - lr[j]) / (lr[j + 1] - lr[j])).clamp(0.0, 1.0) if bool(lr[j + 1] != lr[j]) else lr.new_zeros(())
-        return (u[j] + t * (u[j + 1] - u[j])).exp()
-
-    def _profile_from(self, mhat_raw: Tensor, gate_c: float | Tensor | None) -> dict[str, Tensor]:
-        sig = self.centers
-        ref = 1.0 + sig**2 / self.sigma_ref**2
-        flat = mhat_raw / sig**2 * ref
-        rate = (self.smoother @ flat).clamp_min(0.0) / ref
-        if gate_c is None:
-            if self.gate_mode == "auto":
-                gate_c = self._onset_pivot(rate)
-            elif self.gate_mode == "pinned":
-                gate_c = self._gate_pinned
-        if self.gate_mode == "none":
-            gate = torch.ones_like(sig)
-            gate_c = sig.new_tensor(float("nan"))
-        else:
-            gate_c = torch.as_tensor(gate_c, dtype=torch.float64, device=sig.device)
-            gate = sig**self.gate_n / (sig**self.gate_n + gate_c**self.gate_n)
-        gated = rate * gate
-        norm = (gated.sum() * self.delta).clamp_min(_TINY)
-        rho_hat = gated / norm
-        pi = rho_hat / self._weight_at(sig) if self.divide_by_weight else rho_hat.clone()
+    def _density_from(self, rho_hat: Tensor) -> Tensor:
+        """π per ln σ from the profile ρ̂: divided by the loss weight (``divide_by_weight``), normalised on the grid,
+        mixed with the base (``floor_mix``); the base on the grid if that leaves no mass."""
+        pi = rho_hat / self._weight_at(self.centers) if self.divide_by_weight else rho_hat.clone()
         pi = pi / (pi.sum() * self.delta).clamp_min(_TINY)
         if self.floor_mix > 0:
             pi = (1.0 - self.floor_mix) * pi + self.floor_mix * self.base_grid_mass / self.delta
         if not bool(pi.sum() > 0):  # a profile that is zero everywhere: fall back to the base on the grid
             pi = self.base_grid_mass / self.delta
-        # The area is a sum over bins, which averages the noise by itself: take it from the unsmoothed means, so that
-        # the kernel (which moves mass across the steep onset of discrete data) cannot bias it.
-        rate_raw = mhat_raw / sig**2
-        return {"mhat": rate * sig**2, "rate": rate, "rate_raw": rate_raw, "gate": gate, "gate_c": gate_c,
-                "rho_hat": rho_hat, "pi": pi, "area": rate_raw.sum() * self.delta}
+        return pi
 
     def profile(self) -> dict[str, Tensor]:
-        """The current profile (for logs and plots), all per bin unless noted:
-
-        log_edges [K+1]; centers σ_k; count (samples in the last window, all ranks); rel_se (relative standard error
-        of the last window mean); mhat_raw (EMA of bin means); mhat (smoothed); rate m̂/σ² per ln σ (smoothed);
-        rate_raw (from mhat_raw); gate; rho_hat (normalised gated rate); pi (the current table's density per ln σ);
-        cdf [K+1]; area Σ rate_raw·Δ (scalar);
-        gate_c (scalar); seen (bin has been measured).
-        """
-        with torch.no_grad():
-            prof = self._profile_from(self.mhat, gate_c=self.gate_c_value)
-            return {"log_edges": self.log_edges.clone(), "centers": self.centers, "count": self.last_count.clone(),
-                    "rel_se": self.last_rel_se.clone(), "mhat_raw": self.mhat.clone(), "mhat": prof["mhat"],
-                    "rate": prof["rate"], "rate_raw": prof["rate_raw"], "gate": prof["gate"],
-                    "rho_hat": prof["rho_hat"],
-                    "pi": self.table.heights.clone(), "cdf": self.table.cum_mass.clone(), "area": prof["area"],
-                    "gate_c": self.gate_c_value.clone(), "seen": self.mhat_seen.clone()}
+        """The estimator's profile (``InfoNoiseEstimator.profile``) plus the current table: pi (its density per
+        ln σ) and cdf [K+1]."""
+        prof = super().profile()
+        prof["pi"] = self.table.heights.clone()
+        prof["cdf"] = self.table.cum_mass.clone()
+        return prof
 
     # ----------------------------------------------------------------------------------------------------------------
     # InfoGrid: densities for sampling-step placement
@@ -501,7 +280,7 @@ class InfoNoise(NoiseSchedule):
             if source == "pi":
                 masses = self.table.bin_mass.clone()
             else:
-                prof = self._profile_from(self.mhat, gate_c=self.gate_c_value)
+                prof = self.rate_profile(gate_c=self.gate_c_value)
                 masses = prof["rate" if source == "rate" else "rho_hat"] * self.delta
             masses = masses / masses.sum()
             if variant == "mix":
@@ -515,29 +294,19 @@ class InfoNoise(NoiseSchedule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        key = prefix + "log_edges"
-        if key in state_dict:
-            theirs = state_dict[key]
-            same = theirs.shape == self.log_edges.shape and torch.allclose(
-                theirs.to(torch.float64).cpu(), self.log_edges.cpu(), rtol=0, atol=1e-12)
-            if not same:
-                k = theirs.numel() - 1
-                lo, hi = (math.exp(float(theirs[0])), math.exp(float(theirs[-1]))) if theirs.numel() else (0, 0)
-                raise ValueError(
-                    f"InfoNoise state has a different grid ({k} bins over [{lo:.4g}, {hi:.4g}]) than this schedule "
-                    f"({self.num_bins} bins over [{self._grid[0]:.4g}, {self._grid[1]:.4g}]); "
-                    "set schedule.num_bins / grid_sigma_min / grid_sigma_max to the checkpoint's values")
+        # The estimator refuses a state on another grid before anything is loaded.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         hkey = prefix + "hparams"
-        if hkey in state_dict and state_dict[hkey].shape == self.hparams.shape:
-            theirs, mine = state_dict[hkey].cpu().to(torch.float64), self.hparams.cpu()
-            differ = [n for n, a, b in zip(_HPARAM_NAMES, theirs.tolist(), mine.tolist())
+        mine = self._own_hparams()
+        if hkey in state_dict and state_dict[hkey].shape == mine.shape:
+            theirs = state_dict[hkey].cpu().to(torch.float64)
+            differ = [n for n, a, b in zip(_HPARAM_NAMES, theirs.tolist(), mine.cpu().tolist())
                       if not (a == b or (math.isnan(a) and math.isnan(b)))]
             if differ:
                 warnings.warn(f"InfoNoise: loading a state saved with different hyperparameters ({', '.join(differ)});"
                               " the estimate continues with this schedule's values", stacklevel=2)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self.hparams.copy_(self._own_hparams())
+        self.hparams.copy_(mine)
         self._active = bool(self.active)
         self._warmup_steps = int(self.warmup_steps)
 
@@ -545,7 +314,7 @@ class InfoNoise(NoiseSchedule):
         hp = getattr(self, "hparams", None)
         return torch.tensor([
             *self._grid, self.num_bins, self.refresh_every, self.min_count, self.ema_new_weight, self.smooth_bins,
-            _GATE_MODES[self.gate_mode], self._gate_pinned, self.gate_n, self.onset_p, float(self.divide_by_weight),
+            GATE_MODES[self.gate_mode], self._gate_pinned, self.gate_n, self.onset_p, float(self.divide_by_weight),
             self.floor_mix, self.sigma_ref,
         ], dtype=torch.float64, device=None if hp is None else hp.device)
 
