@@ -1,6 +1,7 @@
-"""Training-step throughput and peak memory of the real training step (``training.trainer``), per model x precision
-x compile, as ratios against the plain fp32 eager step measured in the same run; and the DDP scaling efficiency of
-1 vs 2 processes.
+"""Training-step throughput and peak memory per model x precision x compile, as ratios to fp32 eager; DDP scaling.
+
+The step timed is the real one (``training.trainer.Trainer.train_step``); every ratio is against the plain fp32 eager
+step measured in the same run, and ``--ddp`` adds the scaling efficiency of 1 vs 2 processes.
 
     python benchmarks/train_step.py                                   # CPU: unet_tiny on digits, fp32/bf16, eager
     python benchmarks/train_step.py --models unet_tiny,ddpmpp --precisions fp32,bf16,fp16 --compile both

@@ -5,11 +5,12 @@ so opening a checkpoint never runs code):
 
     format: "sigmalab-checkpoint", version: 1
     config:   the run's resolved config (plain dict)
-    geometry: {img_resolution, img_channels, label_dim, augment_dim} — what the network was built for
-    progress: {cur_nimg, step}
-    net, ema, optimizer: state dicts
+    geometry: {img_resolution, img_channels, label_dim, augment_dim, latent_info} — what the network was built for
+    progress: {cur_nimg, step, skipped_steps}
+    net, ema, optimizer, scaler: state dicts (scaler: fp16's loss scaler; absent in the oldest checkpoints)
     schedule: [one state dict per process] (an adaptive schedule's state, e.g. InfoNoise's, incl. per-rank windows)
-    rng: [one {torch: CPU generator state, cuda: [per-device states]} per process]
+    rng: [one {torch: CPU generator state, noise: the run's σ/noise generator state, cuda: [per-device states],
+          present where CUDA was} per process] (``training.rng.capture_rng_state``)
 
 Files are named ``checkpoint-<images seen, 10 digits>.pt`` inside ``<run_dir>/checkpoints/``. ``save_checkpoint``
 writes to a temporary file in the same directory, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs
