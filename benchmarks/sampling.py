@@ -6,10 +6,10 @@
 For each sampler and each target NFE the step count is chosen to spend that many network evaluations (Heun: N steps
 cost 2N − 1, so N = (NFE + 1)/2; the others N = NFE); the NFE reported is the one counted while sampling
 (``sample.generate_images(info=...)``). Every configuration samples the same seeds 0..num−1 with per-image noise, so
-differences are the samplers', not the noise's. Quality is the FID of ``evaluate.compute_metrics`` against the
-run's training set (for digits: the digits-classifier features, selected by ``feature_extractor=auto``); pass
-``--no-fid`` (or run without ``evaluate`` available) for speed only. Speed is measured after one warm-up batch, with
-the device synchronised, and excludes the FID computation.
+differences are the samplers', not the noise's. Quality is the FID of ``evaluation.metrics.compute_metrics`` against
+the run's training set (for digits: the digits-classifier features, selected by ``feature_extractor=auto``); pass
+``--no-fid`` (or run without the ``evaluation`` package) for speed only. Speed is measured after one warm-up batch,
+with the device synchronised, and excludes the FID computation.
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the table) and ``<out>/sampling.png`` (FID and images/s vs NFE).
 """
@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +66,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _metrics_backend() -> tuple[Any, str | None]:
+    """The evaluation functions the benchmark needs (``compute_metrics``, ``reference_identity``), or a note."""
     try:
-        import evaluate
+        from evaluation.metrics import compute_metrics
+        from evaluation.reference_stats import reference_identity
 
-        return evaluate, None
+        return SimpleNamespace(compute_metrics=compute_metrics, reference_identity=reference_identity), None
     except Exception as err:  # noqa: BLE001 - any import problem means "no FID", reported in the table
-        return None, f"FID not computed: evaluate.py could not be imported ({type(err).__name__}: {err})"
+        return None, f"FID not computed: the evaluation package could not be imported ({type(err).__name__}: {err})"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

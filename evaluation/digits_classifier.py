@@ -28,7 +28,7 @@ fixed seed -- about 5 s on one CPU thread. Measured held-out accuracy (split_see
 97.8% on the continuous digits (98.1% with seed 1), 92.2% on the binarized ones (binarization destroys strokes).
 ``load_or_train_digits_classifier`` caches the result as a file under ``eval.cache_dir`` keyed by (dataset name,
 binarize, resolution, split seed, held-out fraction, classifier seed, ``CLASSIFIER_VERSION``), written atomically
-(temporary file + ``os.replace``) and read back with ``torch.load(weights_only=True)``.
+(``data.atomic``: temporary file, fsync, ``os.replace``) and read back with ``torch.load(weights_only=True)``.
 
 ``DigitsClassifierFeatures`` wraps a trained classifier as a torch-fidelity feature extractor registered under the
 name ``digits-classifier``; it provides ``digits_classifier_64`` (penultimate features: FID, KID, PRC) and
@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +50,9 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from data import build_dataset
+from data.atomic import atomic_open
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -248,23 +250,14 @@ def classifier_cache_path(data_cfg: Any, cache_dir: str | os.PathLike, seed: int
 
 
 def save_digits_classifier(model: DigitsClassifier, path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    """Write ``{"version", "state_dict", "meta"}`` atomically (temporary file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Write ``{"version", "state_dict", "meta"}`` atomically (``data.atomic.atomic_open``)."""
     payload = {
         "version": CLASSIFIER_VERSION,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_digits_classifier(path: str | os.PathLike) -> tuple[DigitsClassifier, dict]:
@@ -303,8 +296,6 @@ def load_or_train_digits_classifier(
     path = classifier_cache_path(data_cfg, cache_dir, seed)
     if os.path.isfile(path):
         return path, load_digits_classifier(path)[1]
-    from data import build_dataset  # deferred: the metric code itself does not need the data package
-
     train_set = build_dataset(data_cfg, split="train")
     heldout_set = build_dataset(data_cfg, split="test")
     model = train_digits_classifier(train_set, seed)

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from diffusion.schedules import build_schedule
 from diffusion.schedules.base import NoiseSchedule
 
-SCHEDULE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "schedule"
+SCHEDULE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "schedule"
 MASS_LEVELS = (1.0, 2.0, 4.0)
 
 

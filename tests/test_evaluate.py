@@ -22,9 +22,18 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import evaluate
 from data import build_dataset
 from evaluation import digits_classifier as dc
+from evaluation.features import INCEPTION_WEIGHTS_URL, InceptionWeightsUnavailableError, UInt8Images
+from evaluation.frechet import feature_statistics, fid_from_features, frechet_distance
+from evaluation.metrics import compute_metrics, load_samples
+from evaluation.reference_stats import (
+    compute_reference_statistics,
+    load_reference_statistics,
+    reference_identity,
+    save_reference_statistics,
+)
+from evaluation.run import run_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -114,7 +123,7 @@ def test_fid_matches_independent_frechet_distance(classifier, splits):
     b = train.all_images()[:600]
     noisy = (a.float() + 40 * torch.randn(a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
     for x, y in ((a, b), (noisy, b)):
-        ours = evaluate.compute_metrics(x, y, feature_extractor="digits-classifier", classifier_path=path)
+        ours = compute_metrics(x, y, feature_extractor="digits-classifier", classifier_path=path)
         expected = _frechet(_features(path, x), _features(path, y))
         # torch-fidelity keeps the feature means in float32 and takes the trace of the square root from eigenvalues;
         # both differ from this float64 sqrtm computation only by rounding.
@@ -126,13 +135,13 @@ def test_fid_identity_and_ordering(classifier, splits, digits_cfg):
     path, _ = classifier
     train, heldout = splits
     x = train.all_images()
-    same = evaluate.compute_metrics(x, x.clone(), feature_extractor="digits-classifier", classifier_path=path)
+    same = compute_metrics(x, x.clone(), feature_extractor="digits-classifier", classifier_path=path)
     assert abs(same["fid_digits_classifier"]) < 1e-6
     g = torch.Generator().manual_seed(1)
     noise = torch.randint(0, 256, heldout.all_images().shape, generator=g, dtype=torch.uint8)
     # auto + data_cfg picks the digits classifier; the reference can be the ImageDataset itself.
-    held = evaluate.compute_metrics(heldout.all_images(), train, data_cfg=digits_cfg, classifier_path=path)
-    rand = evaluate.compute_metrics(noise, train, data_cfg=digits_cfg, classifier_path=path)
+    held = compute_metrics(heldout.all_images(), train, data_cfg=digits_cfg, classifier_path=path)
+    rand = compute_metrics(noise, train, data_cfg=digits_cfg, classifier_path=path)
     assert held["fid_digits_classifier"] > 0
     assert rand["fid_digits_classifier"] > 20 * held["fid_digits_classifier"], (held, rand)
 
@@ -143,8 +152,8 @@ def test_all_metrics_keys_and_ranges(classifier, splits):
     g = torch.Generator().manual_seed(2)
     noise = torch.randint(0, 256, (300, 1, 8, 8), generator=g, dtype=torch.uint8)
     kw = dict(metrics=["fid", "isc", "kid", "prc"], feature_extractor="digits-classifier", classifier_path=path)
-    held = evaluate.compute_metrics(heldout.all_images(), train, **kw)
-    rand = evaluate.compute_metrics(noise, train, **kw)
+    held = compute_metrics(heldout.all_images(), train, **kw)
+    rand = compute_metrics(noise, train, **kw)
     tag = "digits_classifier"
     expected_keys = {f"fid_{tag}", f"isc_{tag}_mean", f"isc_{tag}_std", f"kid_{tag}_mean", f"kid_{tag}_std",
                      f"prc_{tag}_precision", f"prc_{tag}_recall", f"prc_{tag}_f_score"}
@@ -170,11 +179,11 @@ def test_reference_statistics_cache(classifier, splits, digits_cfg, tmp_path, mo
         return forward(self, x)
 
     monkeypatch.setattr(dc.DigitsClassifierFeatures, "forward", counting_forward)
-    name = evaluate.reference_identity(digits_cfg, "train")
+    name = reference_identity(digits_cfg, "train")
     kw = dict(feature_extractor="digits-classifier", classifier_path=path, reference_cache_name=name,
               eval_cfg={"cache_dir": str(tmp_path), "batch": 500})
     gen = heldout.all_images()
-    first = evaluate.compute_metrics(gen, train, **kw)
+    first = compute_metrics(gen, train, **kw)
     assert sum(seen) == len(gen) + len(train)
     stats = list((tmp_path / "fidelity").glob("*stat-fid*"))
     assert len(stats) == 1
@@ -182,25 +191,25 @@ def test_reference_statistics_cache(classifier, splits, digits_cfg, tmp_path, mo
     assert "train" in fname and "digits-classifier" in fname and f"n{len(train)}" in fname and "bin0" in fname
     mtime = stats[0].stat().st_mtime_ns
     seen.clear()
-    second = evaluate.compute_metrics(gen, train, **kw)
+    second = compute_metrics(gen, train, **kw)
     assert sum(seen) == len(gen)  # only the generated images went through the classifier
     assert stats[0].stat().st_mtime_ns == mtime
     assert second == first
     # A different reference size is a different cache entry, never the stale one.
     seen.clear()
-    evaluate.compute_metrics(gen, train.all_images()[:1000], **kw)
+    compute_metrics(gen, train.all_images()[:1000], **kw)
     assert sum(seen) == len(gen) + 1000
     assert len(list((tmp_path / "fidelity").glob("*stat-fid*"))) == 2
 
 
 def test_reference_identity_separates_variants(digits_cfg):
-    base = evaluate.reference_identity(digits_cfg, "train")
+    base = reference_identity(digits_cfg, "train")
     variants = [
-        evaluate.reference_identity(digits_cfg, "test"),
-        evaluate.reference_identity(OmegaConf.merge(digits_cfg, {"binarize": True}), "train"),
-        evaluate.reference_identity(OmegaConf.merge(digits_cfg, {"split_seed": 1}), "train"),
-        evaluate.reference_identity(OmegaConf.merge(digits_cfg, {"resolution": 16}), "train"),
-        evaluate.reference_identity(OmegaConf.merge(digits_cfg, {"heldout_fraction": 0.2}), "train"),
+        reference_identity(digits_cfg, "test"),
+        reference_identity(OmegaConf.merge(digits_cfg, {"binarize": True}), "train"),
+        reference_identity(OmegaConf.merge(digits_cfg, {"split_seed": 1}), "train"),
+        reference_identity(OmegaConf.merge(digits_cfg, {"resolution": 16}), "train"),
+        reference_identity(OmegaConf.merge(digits_cfg, {"heldout_fraction": 0.2}), "train"),
     ]
     assert len({base, *variants}) == 1 + len(variants)
     assert os.sep not in base
@@ -212,26 +221,26 @@ def test_input_errors(classifier, splits, tmp_path):
     x = heldout.all_images()
     kw = dict(feature_extractor="digits-classifier", classifier_path=path)
     with pytest.raises(ValueError, match="unknown metric 'fd'.*fid, isc, kid, prc"):
-        evaluate.compute_metrics(x, train, metrics=["fd"], **kw)
+        compute_metrics(x, train, metrics=["fd"], **kw)
     with pytest.raises(ValueError, match="unknown eval.feature_extractor 'vgg'.*inception-v3-compat"):
-        evaluate.compute_metrics(x, train, feature_extractor="vgg", classifier_path=path)
+        compute_metrics(x, train, feature_extractor="vgg", classifier_path=path)
     rgb16 = torch.zeros(10, 3, 16, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"\(3, 16, 16\).*\(1, 8, 8\)"):
-        evaluate.compute_metrics(rgb16, train, **kw)
+        compute_metrics(rgb16, train, **kw)
     with pytest.raises(ValueError, match="auto needs the dataset"):
-        evaluate.compute_metrics(x, x)
+        compute_metrics(x, x)
     # load_samples: NHWC and NCHW give the same tensor; wrong shapes and missing keys/paths are named.
     np.savez(tmp_path / "nhwc.npz", samples=x.permute(0, 2, 3, 1).numpy())
     np.savez(tmp_path / "nchw.npz", samples=x.numpy())
     np.savez(tmp_path / "nokey.npz", images=x.numpy())
-    assert torch.equal(evaluate.load_samples(tmp_path / "nhwc.npz", (1, 8, 8)), x)
-    assert torch.equal(evaluate.load_samples(tmp_path / "nchw.npz", (1, 8, 8)), x)
+    assert torch.equal(load_samples(tmp_path / "nhwc.npz", (1, 8, 8)), x)
+    assert torch.equal(load_samples(tmp_path / "nchw.npz", (1, 8, 8)), x)
     with pytest.raises(ValueError, match=r"\(269, 1, 8, 8\).*\(3, 32, 32\)"):
-        evaluate.load_samples(tmp_path / "nchw.npz", (3, 32, 32))
+        load_samples(tmp_path / "nchw.npz", (3, 32, 32))
     with pytest.raises(ValueError, match="no array 'samples'.*images"):
-        evaluate.load_samples(tmp_path / "nokey.npz")
+        load_samples(tmp_path / "nokey.npz")
     with pytest.raises(FileNotFoundError, match="samples path not found"):
-        evaluate.load_samples(tmp_path / "missing.npz")
+        load_samples(tmp_path / "missing.npz")
 
 
 def test_png_folder_samples(tmp_path, splits):
@@ -241,7 +250,7 @@ def test_png_folder_samples(tmp_path, splits):
     x = heldout.all_images()[:12]
     for i, img in enumerate(x):
         Image.fromarray(img[0].numpy()).save(tmp_path / f"{i:06d}.png")
-    assert torch.equal(evaluate.load_samples(tmp_path, (1, 8, 8)), x)
+    assert torch.equal(load_samples(tmp_path, (1, 8, 8)), x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,8 +285,8 @@ def test_inception_with_weights_file(random_inception_weights, tmp_path):
     b = torch.randint(0, 256, (12, 3, 32, 32), generator=g, dtype=torch.uint8)
     ev = {"cache_dir": str(tmp_path), "feature_extractor_weights_path": random_inception_weights, "batch": 12}
     kw = dict(feature_extractor="inception-v3-compat", eval_cfg=ev, reference_cache_name="random-a")
-    ab = evaluate.compute_metrics(b, a, **kw)
-    aa = evaluate.compute_metrics(a, a, **kw)  # reference statistics of a come from the cache here
+    ab = compute_metrics(b, a, **kw)
+    aa = compute_metrics(a, a, **kw)  # reference statistics of a come from the cache here
     assert set(ab) == {"fid_inception"}
     assert abs(aa["fid_inception"]) < 1e-4
     assert ab["fid_inception"] > 1e-3
@@ -288,7 +297,7 @@ def test_inception_with_weights_file(random_inception_weights, tmp_path):
 
 def test_grayscale_is_repeated_for_inception():
     x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    item = evaluate._UInt8Images(x, to_rgb=True)[2]
+    item = UInt8Images(x, to_rgb=True)[2]
     assert item.shape == (3, 8, 8) and all(torch.equal(item[c], x[2, 0]) for c in range(3))
 
 
@@ -302,17 +311,17 @@ def test_offline_inception_error_is_clear_and_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights file there
     x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
     t0 = time.time()
-    with pytest.raises(evaluate.InceptionWeightsUnavailableError) as info:
-        evaluate.compute_metrics(x, x, feature_extractor="inception-v3-compat", eval_cfg={"cache_dir": str(tmp_path)})
+    with pytest.raises(InceptionWeightsUnavailableError) as info:
+        compute_metrics(x, x, feature_extractor="inception-v3-compat", eval_cfg={"cache_dir": str(tmp_path)})
     assert time.time() - t0 < 20
     message = str(info.value)
-    assert evaluate.INCEPTION_WEIGHTS_URL in message
+    assert INCEPTION_WEIGHTS_URL in message
     assert "weights-inception-2015-12-05-6726825d.pth" in message
     assert "eval.feature_extractor_weights_path=" in message
     # A weights path that does not exist is named, too.
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate.compute_metrics(x, x, feature_extractor="inception-v3-compat",
-                                 eval_cfg={"cache_dir": str(tmp_path), "feature_extractor_weights_path": "/nope.pth"})
+        compute_metrics(x, x, feature_extractor="inception-v3-compat",
+                        eval_cfg={"cache_dir": str(tmp_path), "feature_extractor_weights_path": "/nope.pth"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,7 +351,7 @@ def test_cli_samples_npz(tmp_path, splits, classifier, digits_cfg):
     assert "classifier-FID" in proc.stdout and "digits-classifier features" in proc.stdout
     out = tmp_path / "eval-default-samples.json"
     record = json.loads(out.read_text())
-    expected = evaluate.compute_metrics(samples, train, data_cfg=digits_cfg, classifier_path=path)
+    expected = compute_metrics(samples, train, data_cfg=digits_cfg, classifier_path=path)
     assert record["metrics"]["fid_digits_classifier"] == pytest.approx(expected["fid_digits_classifier"], rel=1e-9)
     assert record["feature_extractor"] == "digits-classifier"
     # The samples are the held-out split itself: they score exactly the floor.
@@ -353,13 +362,13 @@ def test_cli_samples_npz(tmp_path, splits, classifier, digits_cfg):
 
 def test_cli_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one of samples"):
-        evaluate.run_evaluation(_compose(["device=cpu"]))
+        run_evaluation(_compose(["device=cpu"]))
     with pytest.raises(ValueError, match="exactly one of samples"):
-        evaluate.run_evaluation(_compose([f"samples={tmp_path}/a.npz", f"ckpt={tmp_path}", "device=cpu"]))
+        run_evaluation(_compose([f"samples={tmp_path}/a.npz", f"ckpt={tmp_path}", "device=cpu"]))
     with pytest.raises(FileNotFoundError, match="samples path not found"):
-        evaluate.run_evaluation(_compose([f"samples={tmp_path}/missing.npz", "device=cpu"]))
+        run_evaluation(_compose([f"samples={tmp_path}/missing.npz", "device=cpu"]))
     with pytest.raises(ValueError, match="unknown metric 'fdi'"):
-        evaluate.run_evaluation(_compose([f"samples={tmp_path}/missing.npz", "eval.metrics=[fdi]", "device=cpu"]))
+        run_evaluation(_compose([f"samples={tmp_path}/missing.npz", "eval.metrics=[fdi]", "device=cpu"]))
 
 
 def test_cli_checkpoint_with_baselines(tmp_path, classifier):
@@ -387,7 +396,7 @@ def test_cli_checkpoint_with_baselines(tmp_path, classifier):
     cache = str(Path(path).parents[1])
     cfg = _compose([f"ckpt={run_dir}", "device=cpu", "eval.num_samples=30", "eval.batch=30", "eval.baselines=true",
                     "sampler.num_steps=3", f"eval.cache_dir={cache}"])
-    record = evaluate.run_evaluation(cfg, ["sampler.num_steps=3"])
+    record = run_evaluation(cfg, ["sampler.num_steps=3"])
     assert record["num_samples"] == 30 and record["seeds"] == [0, 29]
     assert record["sampler"]["num_steps"] == 3
     cols = record["columns"]
@@ -400,11 +409,11 @@ def test_cli_checkpoint_with_baselines(tmp_path, classifier):
     train = build_dataset(run_cfg.data, "train")
     kw = dict(data_cfg=run_cfg.data, classifier_path=path)
     den.eval()
-    expected_samples = evaluate.compute_metrics(
+    expected_samples = compute_metrics(
         generate_images(den, range(30), sampler_cfg=sampler, batch_size=30, device="cpu"), train, **kw)
     torch.manual_seed(0)
     fresh = build_denoiser(run_cfg, 8, 1).eval()
-    expected_ceiling = evaluate.compute_metrics(
+    expected_ceiling = compute_metrics(
         generate_images(fresh, range(30), sampler_cfg=sampler, batch_size=30, device="cpu"), train, **kw)
     key = "fid_digits_classifier"
     assert cols["samples"][key] == pytest.approx(expected_samples[key], rel=1e-6)
@@ -437,8 +446,8 @@ def test_fid_of_gaussian_feature_sets_matches_the_closed_form():
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     x1, x2 = _features_with_moments(mu1, s1, 500, 1), _features_with_moments(mu2, s2, 300, 2)
     closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
-    assert evaluate.fid_from_features(x1, x2) == pytest.approx(closed, rel=1e-9)
-    assert evaluate.fid_from_features(torch.from_numpy(x1), torch.from_numpy(x1)) == pytest.approx(0, abs=1e-9)
+    assert fid_from_features(x1, x2) == pytest.approx(closed, rel=1e-9)
+    assert fid_from_features(torch.from_numpy(x1), torch.from_numpy(x1)) == pytest.approx(0, abs=1e-9)
     # Non-commuting 2x2 covariances: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2))) (eigenvalues l1, l2 >= 0:
     # sqrt(l1) + sqrt(l2) = sqrt(l1 + l2 + 2 sqrt(l1 l2))).
     s1 = np.array([[2.0, 0.9], [0.9, 1.0]])
@@ -448,13 +457,13 @@ def test_fid_of_gaussian_feature_sets_matches_the_closed_form():
     closed = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
                    - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m))))
     x1, x2 = _features_with_moments(mu1, s1, 200, 3), _features_with_moments(mu2, s2, 100, 4)
-    assert evaluate.fid_from_features(x1, x2) == pytest.approx(closed, rel=1e-9)
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-12)
+    assert fid_from_features(x1, x2) == pytest.approx(closed, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-12)
     # torch-fidelity's routine (eigenvalues of S1 S2) on the same statistics agrees.
     tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
     assert tf["frechet_inception_distance"] == pytest.approx(closed, rel=1e-9)
     with pytest.raises(ValueError, match="equal F"):
-        evaluate.frechet_distance(mu1, s1, np.zeros(3), np.eye(3))
+        frechet_distance(mu1, s1, np.zeros(3), np.eye(3))
 
 
 def test_reference_statistics_files(classifier, splits, digits_cfg, tmp_path):
@@ -462,37 +471,37 @@ def test_reference_statistics_files(classifier, splits, digits_cfg, tmp_path):
     path, _ = classifier
     train, heldout = splits
     kw = dict(feature_extractor="digits-classifier", classifier_path=path)
-    direct = evaluate.compute_metrics(heldout.all_images(), train, **kw)["fid_digits_classifier"]
-    stats = evaluate.compute_reference_statistics(train, **kw)
+    direct = compute_metrics(heldout.all_images(), train, **kw)["fid_digits_classifier"]
+    stats = compute_reference_statistics(train, **kw)
     assert stats["num_images"] == len(train.all_images()) and stats["mu"].shape == (64,)
-    mine = evaluate.save_reference_statistics(tmp_path / "ref.npz", stats)
+    mine = save_reference_statistics(tmp_path / "ref.npz", stats)
     np.savez(tmp_path / "edm.npz", mu=stats["mu"], sigma=stats["sigma"])
     np.savez(tmp_path / "adm.npz", arr_0=train.all_images().permute(0, 2, 3, 1).numpy(), mu=stats["mu"],
              sigma=stats["sigma"])
     np.savez(tmp_path / "images.npz", arr_0=train.all_images().permute(0, 2, 3, 1).numpy())
     for name in (mine, tmp_path / "edm.npz", tmp_path / "adm.npz", tmp_path / "images.npz"):
-        value = evaluate.compute_metrics(heldout.all_images(), None, reference_stats=str(name), **kw)
+        value = compute_metrics(heldout.all_images(), None, reference_stats=str(name), **kw)
         # torch-fidelity's own statistics are float32-mean / eigvals: equal up to rounding.
         assert value["fid_digits_classifier"] == pytest.approx(direct, rel=1e-4), name
     # The option through eval_cfg, with IS alongside; KID/PRC refused; a foreign extractor's file refused.
-    both = evaluate.compute_metrics(heldout.all_images(), None, metrics=["fid", "isc"],
-                                    eval_cfg={"reference_stats": str(mine)}, **kw)
+    both = compute_metrics(heldout.all_images(), None, metrics=["fid", "isc"],
+                           eval_cfg={"reference_stats": str(mine)}, **kw)
     assert set(both) == {"fid_digits_classifier", "isc_digits_classifier_mean", "isc_digits_classifier_std"}
     with pytest.raises(ValueError, match="only the reference mu and Sigma; kid need"):
-        evaluate.compute_metrics(heldout.all_images(), None, metrics=["fid", "kid"], reference_stats=str(mine), **kw)
-    evaluate.save_reference_statistics(tmp_path / "foreign.npz", {**stats, "feature_extractor": "inception-v3-compat"})
+        compute_metrics(heldout.all_images(), None, metrics=["fid", "kid"], reference_stats=str(mine), **kw)
+    save_reference_statistics(tmp_path / "foreign.npz", {**stats, "feature_extractor": "inception-v3-compat"})
     with pytest.raises(ValueError, match="computed with inception-v3-compat features"):
-        evaluate.compute_metrics(heldout.all_images(), None, reference_stats=str(tmp_path / "foreign.npz"), **kw)
+        compute_metrics(heldout.all_images(), None, reference_stats=str(tmp_path / "foreign.npz"), **kw)
     np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match="2048-d statistics but the digits-classifier features are 64-d"):
-        evaluate.compute_metrics(heldout.all_images(), None, reference_stats=str(tmp_path / "wide.npz"), **kw)
+        compute_metrics(heldout.all_images(), None, reference_stats=str(tmp_path / "wide.npz"), **kw)
     np.savez(tmp_path / "bad.npz", means=np.zeros(3))
     with pytest.raises(ValueError, match="neither mu/sigma.*found: means"):
-        evaluate.load_reference_statistics(tmp_path / "bad.npz")
+        load_reference_statistics(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="cifar10-32x32.npz"):
-        evaluate.load_reference_statistics(tmp_path / "missing.npz")
+        load_reference_statistics(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="nll is a property of the model"):
-        evaluate.compute_metrics(heldout.all_images(), train, metrics=["nll"], **kw)
+        compute_metrics(heldout.all_images(), train, metrics=["nll"], **kw)
 
 
 def test_cli_ref_writes_edm_format(classifier, splits, tmp_path):
@@ -500,11 +509,11 @@ def test_cli_ref_writes_edm_format(classifier, splits, tmp_path):
     train, _ = splits
     cache = Path(path).parents[1]
     out = tmp_path / "digits-8x8.npz"
-    result = evaluate.run_evaluation(_compose(["ref=true", "data=digits", f"eval.cache_dir={cache}", f"out={out}",
-                                               "device=cpu"]))
+    result = run_evaluation(_compose(["ref=true", "data=digits", f"eval.cache_dir={cache}", f"out={out}",
+                                      "device=cpu"]))
     with np.load(out) as npz:
         mu, sigma = npz["mu"], npz["sigma"]
         assert mu.dtype == np.float64 and sigma.shape == (64, 64) and int(npz["num_images"]) == len(train)
-    expected = evaluate.feature_statistics(_features(path, train.all_images()))
+    expected = feature_statistics(_features(path, train.all_images()))
     assert np.allclose(mu, expected[0], atol=1e-5) and np.allclose(sigma, expected[1], atol=1e-5)
     assert result["feature_extractor"] == "digits-classifier"

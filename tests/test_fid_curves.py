@@ -19,8 +19,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import evaluate
 from evaluation import digits_classifier as dc
+from evaluation.curves import kimg_to_reach, read_curve, run_curves, target_table
+from evaluation.likelihood import likelihood_metrics
+from evaluation.metrics import compute_metrics
+from evaluation.protocol import evaluate_during_training, reference_getter
+from evaluation.run import run_evaluation
+from evaluation.settings import DEFAULT_EVAL
 from tests.helpers import ROOT, compose, run_cli
 from training.checkpoint import list_checkpoints, load_denoiser
 
@@ -58,7 +63,7 @@ def _expected_fid(ckpt, cache, num_samples=24, first_seed=0):
     images = generate_images(den, range(first_seed, first_seed + num_samples), sampler_cfg=sampler, batch_size=64,
                              device="cpu")
     ref = build_dataset(run_cfg.data, "train")
-    return evaluate.compute_metrics(images, ref, data_cfg=run_cfg.data, eval_cfg={"cache_dir": str(cache)})[KEY]
+    return compute_metrics(images, ref, data_cfg=run_cfg.data, eval_cfg={"cache_dir": str(cache)})[KEY]
 
 
 def test_curve_of_a_tiny_run_is_written_resumed_and_plotted(tiny_run, cache, tmp_path):
@@ -77,13 +82,13 @@ def test_curve_of_a_tiny_run_is_written_resumed_and_plotted(tiny_run, cache, tmp
 
     # Resumable: the same settings evaluate nothing again; other settings add their own points.
     cfg = compose("evaluate", [f"run_dir={tiny_run}", f"eval.cache_dir={cache}", *EVAL])
-    out = evaluate.run_curves(cfg, [*EVAL])
+    out = run_curves(cfg, [*EVAL])
     assert len((tiny_run / "fid_curve.jsonl").read_text().splitlines()) == 3
     assert [v for _, v in out["runs"]["tiny"]] == [e["metrics"][KEY] for e in entries]
     # A line cut short by a crash is ignored (and its checkpoint would be evaluated again).
     with open(tiny_run / "fid_curve.jsonl", "a") as f:
         f.write('{"run": "tiny", "checkpoint": "checkpoint-00')
-    assert len(evaluate.read_curve(tiny_run)) == 3
+    assert len(read_curve(tiny_run)) == 3
 
     # A sweep: two copies of the run (one of them the baseline) -> both found, identical curves, speed-up 1.00x.
     sweep = tmp_path / "sweep"
@@ -93,7 +98,7 @@ def test_curve_of_a_tiny_run_is_written_resumed_and_plotted(tiny_run, cache, tmp
             shutil.copy(ckpt, sweep / name / "checkpoints" / ckpt.name)
     shutil.copy(tiny_run / "fid_curve.jsonl", sweep / "lognormal" / "fid_curve.jsonl")  # already evaluated
     cfg = compose("evaluate", [f"run_dir={sweep}", f"eval.cache_dir={cache}", "eval.baseline_run=lognormal", *EVAL])
-    out = evaluate.run_curves(cfg, [*EVAL])
+    out = run_curves(cfg, [*EVAL])
     assert set(out["runs"]) == {"lognormal", "other"}
     assert out["runs"]["other"] == out["runs"]["lognormal"]
     assert out["summary"]["target"] == pytest.approx(last)  # the baseline's final value
@@ -105,7 +110,7 @@ def test_target_table_interpolation_and_speedup():
     curves = {"base": [(10, 40.0), (20, 20.0), (30, 10.0), (40, 8.0)],
               "fast": [(10, 30.0), (20, 12.0), (30, 6.0), (40, 5.0)],
               "slow": [(10, 90.0), (20, 60.0)]}
-    table, summary = evaluate.target_table(curves, metric="fid", target=10.0, baseline="base")
+    table, summary = target_table(curves, metric="fid", target=10.0, baseline="base")
     rows = summary["rows"]
     assert rows["base"]["first_kimg"] == 30 and rows["base"]["kimg"] == pytest.approx(30.0)
     # fast crosses 10 between (20, 12) and (30, 6): log-linear t = ln(12/10)/ln(12/6).
@@ -113,17 +118,17 @@ def test_target_table_interpolation_and_speedup():
     assert rows["fast"]["first_kimg"] == 30 and rows["fast"]["kimg"] == pytest.approx(20 + 10 * t)
     assert rows["fast"]["speedup"] == pytest.approx(30 / (20 + 10 * t))
     assert rows["slow"]["kimg"] is None and "not reached" in table
-    _, lin = evaluate.target_table(curves, metric="fid", target=10.0, baseline="base", interpolation="linear")
+    _, lin = target_table(curves, metric="fid", target=10.0, baseline="base", interpolation="linear")
     assert lin["rows"]["fast"]["kimg"] == pytest.approx(20 + 10 * (12 - 10) / (12 - 6))
-    _, none = evaluate.target_table(curves, metric="fid", target=10.0, interpolation="none")
+    _, none = target_table(curves, metric="fid", target=10.0, interpolation="none")
     assert none["rows"]["fast"]["kimg"] == 30 and none["rows"]["fast"]["speedup"] is None
     # Default target: the baseline's final value (InfoNoise's speed-up definition).
-    _, default = evaluate.target_table(curves, metric="fid", baseline="base")
+    _, default = target_table(curves, metric="fid", baseline="base")
     assert default["target"] == 8.0 and default["rows"]["fast"]["kimg"] < 30
     with pytest.raises(ValueError, match="eval.baseline_run='nope' matches 0 runs; runs: base, fast, slow"):
-        evaluate.target_table(curves, metric="fid", baseline="nope")
+        target_table(curves, metric="fid", baseline="nope")
     with pytest.raises(ValueError, match="unknown eval.target_interpolation 'cubic'.*loglinear, linear, none"):
-        evaluate.kimg_to_reach(curves["base"], 10.0, "cubic")
+        kimg_to_reach(curves["base"], 10.0, "cubic")
 
 
 def test_two_ranks_sample_the_same_images_as_one(tiny_run, cache, tmp_path):
@@ -150,19 +155,19 @@ def test_two_ranks_sample_the_same_images_as_one(tiny_run, cache, tmp_path):
     one_rank = generate_images(den, range(21), sampler_cfg=sampler, batch_size=21, device="cpu")
     assert torch.equal(two_ranks, one_rank)
     # The metrics of the gathered set are those of the one-process set, and the NLL of 5 images split 3 + 2.
-    settings = {**evaluate.DEFAULT_EVAL, "cache_dir": str(cache), "nll_num_images": 5, "nll_tolerance": 1e-3}
-    nll, details = evaluate.likelihood_metrics(den, run_cfg.data, settings, sampler, device="cpu")
+    settings = {**DEFAULT_EVAL, "cache_dir": str(cache), "nll_num_images": 5, "nll_tolerance": 1e-3}
+    nll, details = likelihood_metrics(den, run_cfg.data, settings, sampler, device="cpu")
     assert record["metrics"]["nll_ode_bpd"] == pytest.approx(nll["nll_ode_bpd"], rel=1e-5)
     assert record["likelihood"]["num_images"] == details["num_images"] == 5
-    fid = evaluate.compute_metrics(one_rank, evaluate._reference_getter(run_cfg.data, settings)(),
-                                   data_cfg=run_cfg.data, eval_cfg=settings)[KEY]
+    fid = compute_metrics(one_rank, reference_getter(run_cfg.data, settings)(),
+                          data_cfg=run_cfg.data, eval_cfg=settings)[KEY]
     assert record["metrics"][KEY] == pytest.approx(fid, rel=1e-6)
 
 
 def test_minimum_over_seed_repeats(tiny_run, cache):
     cfg = compose("evaluate", [f"ckpt={tiny_run}", f"eval.cache_dir={cache}", "eval.seed_repeats=3",
                                "eval.num_samples=12", "eval.batch=12", "sampler.num_steps=3", "device=cpu"])
-    record = evaluate.run_evaluation(cfg, ["sampler.num_steps=3"])
+    record = run_evaluation(cfg, ["sampler.num_steps=3"])
     ranges = [r["seeds"] for r in record["repeats"]]
     assert ranges == [[0, 11], [12, 23], [24, 35]]
     values = [r["metrics"][KEY] for r in record["repeats"]]
@@ -183,7 +188,7 @@ def test_evaluate_during_training_restores_state(tiny_run, cache):
     den.train()
     torch.manual_seed(123)
     np.random.seed(5)  # noqa: NPY002 - the legacy global state is what must survive
-    out = evaluate.evaluate_during_training(den, cfg, train, "cpu", cur_kimg=0.096)
+    out = evaluate_during_training(den, cfg, train, "cpu", cur_kimg=0.096)
     after = (torch.rand(3), np.random.rand())  # noqa: NPY002
     torch.manual_seed(123)
     np.random.seed(5)  # noqa: NPY002 - the legacy global state is what must survive
@@ -196,15 +201,15 @@ def test_evaluate_during_training_restores_state(tiny_run, cache):
 
 def test_argument_errors(tiny_run, cache, tmp_path):
     with pytest.raises(ValueError, match="exactly one of samples.*run_dir.*ref=true"):
-        evaluate.run_evaluation(compose("evaluate", [f"ckpt={tiny_run}", f"run_dir={tiny_run}"]))
+        run_evaluation(compose("evaluate", [f"ckpt={tiny_run}", f"run_dir={tiny_run}"]))
     with pytest.raises(FileNotFoundError, match="run_dir not found"):
-        evaluate.run_evaluation(compose("evaluate", [f"run_dir={tmp_path}/none"]))
+        run_evaluation(compose("evaluate", [f"run_dir={tmp_path}/none"]))
     with pytest.raises(ValueError, match="no runs under"):
-        evaluate.run_evaluation(compose("evaluate", [f"run_dir={tmp_path}"]))
+        run_evaluation(compose("evaluate", [f"run_dir={tmp_path}"]))
     with pytest.raises(ValueError, match="nll, which needs the model"):
-        evaluate.run_evaluation(compose("evaluate", [f"samples={tmp_path}/x.npz", "eval.metrics=[nll]"]))
+        run_evaluation(compose("evaluate", [f"samples={tmp_path}/x.npz", "eval.metrics=[nll]"]))
     with pytest.raises(ValueError, match="eval.seed_repeats needs ckpt"):
-        evaluate.run_evaluation(compose("evaluate", [f"samples={tmp_path}/x.npz", "eval.seed_repeats=3"]))
+        run_evaluation(compose("evaluate", [f"samples={tmp_path}/x.npz", "eval.seed_repeats=3"]))
     with pytest.raises(ValueError, match="eval.curve_metric='kid_x' is not among the evaluated metrics: " + KEY):
-        evaluate.run_curves(compose("evaluate", [f"run_dir={tiny_run}", f"eval.cache_dir={cache}",
-                                                 "eval.curve_metric=kid_x", *EVAL]), EVAL)
+        run_curves(compose("evaluate", [f"run_dir={tiny_run}", f"eval.cache_dir={cache}",
+                                        "eval.curve_metric=kid_x", *EVAL]), EVAL)

@@ -217,9 +217,11 @@ def test_input_errors():
 
 
 def test_evaluate_likelihood_metrics_on_binary_digits():
-    """evaluate.likelihood_metrics: the ELBO of binarized data from eval.nll_elbo_sigma_min, seeds eval.seed + i."""
-    import evaluate
+    """evaluation.likelihood.likelihood_metrics: the ELBO of binarized data from eval.nll_elbo_sigma_min, seeds
+    eval.seed + i."""
     from data import build_dataset
+    from evaluation.likelihood import likelihood_metrics
+    from evaluation.settings import DEFAULT_EVAL
     from tests.helpers import compose
 
     cfg = compose("evaluate", ["data=binary_digits"])
@@ -231,8 +233,8 @@ def test_evaluate_likelihood_metrics_on_binary_digits():
         def forward(self, x, sigma, class_labels=None):
             return torch.tanh(x / sigma**2)
 
-    settings = {**evaluate.DEFAULT_EVAL, "nll_num_images": 6, "seed": 3, "nll_steps": 16}
-    metrics, details = evaluate.likelihood_metrics(Tanh(), cfg.data, settings, cfg.sampler, device="cpu")
+    settings = {**DEFAULT_EVAL, "nll_num_images": 6, "seed": 3, "nll_steps": 16}
+    metrics, details = likelihood_metrics(Tanh(), cfg.data, settings, cfg.sampler, device="cpu")
     direct = lk.nll_bits_per_dim(Tanh(), test.all_images()[:6], seeds=range(3, 9), method="elbo", sigma_min=0.2,
                                  sigma_max=80.0, num_steps=16)
     assert details["method"] == "elbo" and details["sigma_min"] == 0.2 and details["num_images"] == 6
@@ -241,5 +243,5 @@ def test_evaluate_likelihood_metrics_on_binary_digits():
     terms = details["terms_bpd"]
     assert sum(terms.values()) == pytest.approx(metrics["nll_elbo_bpd"], rel=1e-9)
     with pytest.raises(ValueError, match="needs binarized images"):
-        evaluate.likelihood_metrics(Tanh(), compose("evaluate", ["data=digits"]).data,
-                                    {**settings, "nll_method": "elbo"}, cfg.sampler, device="cpu")
+        likelihood_metrics(Tanh(), compose("evaluate", ["data=digits"]).data,
+                           {**settings, "nll_method": "elbo"}, cfg.sampler, device="cpu")

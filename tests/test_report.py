@@ -18,7 +18,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import evaluate
+from configs import jsonable
+from evaluation.curves import curve_baseline, run_curves, settings_key
+from evaluation.curves import curve_settings as curve_settings_of
+from evaluation.report import collect_report, sweep_report
+from evaluation.report_format import kimg_header
+from evaluation.run import run_evaluation
+from evaluation.settings import eval_settings
+from evaluation.sweep import report_rows
 from tests.helpers import CONFIG_DIR, FAST_TRAIN, compose, run_cli
 
 torch.set_num_threads(1)
@@ -37,20 +44,20 @@ def write_run(run_dir, overrides, curve, *, job=None, num_samples=100, sampler=N
         (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    name: train\n    num: {job}\n")
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # must not be taken for a run of its own
     (run_dir / "checkpoints").mkdir(exist_ok=True)
-    settings = evaluate._eval_settings({"num_samples": num_samples})
+    settings = eval_settings({"num_samples": num_samples})
     sampler_cfg = OmegaConf.merge(cfg.sampler, sampler or {})
-    curve_settings = evaluate._curve_settings(settings, cfg.data, sampler_cfg, True)
+    curve_settings = curve_settings_of(settings, cfg.data, sampler_cfg, True)
     with open(run_dir / "fid_curve.jsonl", "a") as f:
         for kimg, value in curve.items():
             nimg = round(kimg * 1000)
             (run_dir / "checkpoints" / f"checkpoint-{nimg:010d}.pt").touch()
             entry = {"run": run_dir.name, "checkpoint": f"checkpoint-{nimg:010d}.pt", "nimg": nimg,
-                     "kimg": nimg / 1000, "settings_key": evaluate._settings_key(curve_settings),
+                     "kimg": nimg / 1000, "settings_key": settings_key(curve_settings),
                      "metrics": {key: value, **(extra or {})}, "num_samples": num_samples,
                      "seeds": [0, num_samples - 1], "repeats": [{"seeds": [0, num_samples - 1],
                                                                  "metrics": {key: value}}],
                      "likelihood": None, "settings": curve_settings, "seconds": 1.0, "time": "2026-01-01 00:00:00"}
-            f.write(json.dumps(evaluate._jsonable(entry), allow_nan=False) + "\n")
+            f.write(json.dumps(jsonable(entry), allow_nan=False) + "\n")
     return run_dir
 
 
@@ -84,7 +91,7 @@ def loglinear_crossing(k0, v0, k1, v1, target):
 
 def test_sweep_report_tables_target_and_plot(sweep, capsys):
     cfg = compose("evaluate", [f"report={sweep}", "eval.baseline_run=lognormal"])
-    report = evaluate.run_evaluation(cfg)
+    report = run_evaluation(cfg)
     out = sweep / "report"
     md = (out / "report.md").read_text()
     assert report["markdown"] == md and md in capsys.readouterr().out
@@ -126,7 +133,7 @@ def test_sweep_report_tables_target_and_plot(sweep, capsys):
     assert (f"| laplace | 90 | {lap[2]:.4g} | {k_lap:.1f} | {m:.2f} ± {s:.2f} (2/2) | {90 / k_lap:.2f}x |") in md
     assert "| lognormal (baseline) | 90 | 11 | 90.0 |" in md and "1.00x |" in md
     # Without eval.baseline_run the row labelled lognormal is the baseline; eval.target_fid overrides the target.
-    again = evaluate.collect_report(sweep, {"target_fid": 20.0})
+    again = collect_report(sweep, {"target_fid": 20.0})
     v = again["tables"][0]["variants"][0]
     assert again["tables"][0]["baseline"] == "lognormal" and v["target"]["target"] == 20.0
     assert v["rows"]["lognormal"]["target"]["kimg"] == pytest.approx(loglinear_crossing(60, 22.0, 90, 11.0, 20.0))
@@ -146,10 +153,10 @@ def test_curve_baseline_names_a_row(sweep):
     """`evaluate.py run_dir=<sweep> eval.baseline_run=lognormal`: with two seeds of lognormal the per-run table has no
     single baseline run (and says so) instead of failing after the evaluation; run names still work."""
     runs = {p.name: p for p in sorted(sweep.iterdir())}
-    baseline, note = evaluate._curve_baseline("lognormal", runs, sweep)
+    baseline, note = curve_baseline("lognormal", runs, sweep)
     assert baseline is None and "is the setting of 2 runs (seeds)" in note and f"report={sweep}" in note
-    assert evaluate._curve_baseline("job2", runs, sweep) == ("job2", None)
-    assert evaluate._curve_baseline("nope", runs, sweep) == ("nope", None)  # target_table's error lists the runs
+    assert curve_baseline("job2", runs, sweep) == ("job2", None)
+    assert curve_baseline("nope", runs, sweep) == ("nope", None)  # target_table's error lists the runs
 
 
 def test_extra_metrics_incomplete_curves_and_out(sweep, tmp_path):
@@ -160,7 +167,7 @@ def test_extra_metrics_incomplete_curves_and_out(sweep, tmp_path):
             {"metrics": {"nll_elbo_bpd": value, "nll_elbo_bpd_sem": 0.01}, "ckpt": str(sweep / name)}))
     # A checkpoint the curve does not cover yet.
     (sweep / "job3" / "checkpoints" / "checkpoint-0000120000.pt").touch()
-    report = evaluate.sweep_report(sweep, out_dir=tmp_path / "elsewhere")
+    report = sweep_report(sweep, out_dir=tmp_path / "elsewhere")
     md = (tmp_path / "elsewhere" / "report.md").read_text()
     assert not (sweep / "report").exists()
     assert "| schedule | final kimg | `fid_digits_classifier` | nll_elbo_bpd (eval-nll) |" in md
@@ -181,7 +188,7 @@ def test_paper_columns_guidance_variants_and_row_labels(tmp_path):
             write_run(root / f"r{job}", [f"experiment=hang2024_imagenet256_{name}"],
                       {6400: 2 * measured[(name, guidance)], 12800: measured[(name, guidance)]}, job=job,
                       num_samples=50, key=INCEPTION_KEY, sampler={"guidance": guidance})
-    report = evaluate.sweep_report(root)
+    report = sweep_report(root)
     md = report["markdown"]
     (table,) = report["tables"]
     assert table["columns"] == ["schedule", "weighting"]  # the Laplace preset's sampler.t_max splits no row
@@ -204,23 +211,23 @@ def test_paper_columns_guidance_variants_and_row_labels(tmp_path):
     # No lognormal row and no eval.baseline_run: target = the largest best value, no speed-ups.
     assert table["baseline"] is None and "no baseline row" in md
     # A row label names the baseline on the command line: the speed-ups of Table 2's rows against cosine.
-    report = evaluate.run_evaluation(compose("evaluate", [f"report={root}", "eval.baseline_run=cosine/v_mse"]))
+    report = run_evaluation(compose("evaluate", [f"report={root}", "eval.baseline_run=cosine/v_mse"]))
     rows = report["tables"][0]["variants"][1]["rows"]  # guidance 3: cosine 40 -> 20, laplace 30 -> 15 (target 20)
     assert report["tables"][0]["baseline"] == "cosine/v_mse" and rows["cosine/v_mse"]["target"]["kimg"] == 12800
     k_lap = loglinear_crossing(6400, 30.0, 12800, 15.0, 20.0)
     assert rows["laplace/v_mse"]["target"]["speedup"] == pytest.approx(12800 / k_lap)
     # Evaluation settings on the report's command line select those points: here only guidance 3.
     args = [f"report={root}", "sampler.guidance=3.0", "eval.num_samples=50"]
-    report = evaluate.run_evaluation(compose("evaluate", args), args)
+    report = run_evaluation(compose("evaluate", args), args)
     assert [v["label"] for v in report["tables"][0]["variants"]] == [""]
     assert report["tables"][0]["variants"][0]["guidance"] == 3.0
     args = [f"report={root}", "eval.num_samples=10000"]
     with pytest.raises(ValueError, match="no curve points of imagenet256_latent were evaluated with num_samples=10000 "
                                          r"\(num_samples evaluated: 50\)"):
-        evaluate.run_evaluation(compose("evaluate", args), args)
+        run_evaluation(compose("evaluate", args), args)
     with pytest.raises(ValueError, match=r"eval.baseline_run='edm' names no row of the report; rows: imagenet256"
                                          r".*cosine/v_mse, cosine/min_snr, laplace/v_mse"):
-        evaluate.collect_report(root, {"baseline_run": "edm"})
+        collect_report(root, {"baseline_run": "edm"})
 
 
 def test_paper_by_kimg_and_speedup_columns(tmp_path):
@@ -230,7 +237,7 @@ def test_paper_by_kimg_and_speedup_columns(tmp_path):
     for job, name in enumerate(("v_cosine", "v_laplace")):
         write_run(root / name, [f"experiment=hang2024_imagenet256_target_{name}"],
                   {25600: 40.0 - 10 * job, 51200: 20.0 - 5 * job}, job=job, num_samples=50, key=INCEPTION_KEY)
-    md = evaluate.sweep_report(root)["markdown"]
+    md = sweep_report(root)["markdown"]
     assert "| schedule | 25600 kimg (100K it) | paper | 51200 kimg (200K it) | paper |" in md
     for job, name in enumerate(("v_cosine", "v_laplace")):
         paper = OmegaConf.load(CONFIG_DIR / "experiment" / f"hang2024_imagenet256_target_{name}.yaml").paper
@@ -243,7 +250,7 @@ def test_paper_by_kimg_and_speedup_columns(tmp_path):
     for job, name in enumerate(("edm_cifar10_vp_uncond", "infonoise_cifar10")):
         write_run(root / f"r{job}", [f"experiment={name}"], {2500: 10.0, 5000: 5.0 - job}, job=job,
                   num_samples=50, key=INCEPTION_KEY)
-    report = evaluate.sweep_report(root)
+    report = sweep_report(root)
     md = report["markdown"]
     assert report["tables"][0]["order"] == ["lognormal", "infonoise"] and report["tables"][0]["baseline"] == "lognormal"
     assert "| schedule | final kimg | `fid_inception` | paper |" in md
@@ -256,20 +263,20 @@ def test_row_labels_from_configs():
         return [OmegaConf.to_container(compose("train", list(o)), resolve=False) for o in overrides]
 
     # The prediction-target study: precond and schedule vary; weighting follows precond and is left out.
-    labels, aspects, columns = evaluate.report_rows(cfgs(*([f"experiment=hang2024_imagenet256_target_{t}_{s}"]
-                                                           for t in ("eps", "x0") for s in ("cosine", "laplace"))))
+    labels, aspects, columns = report_rows(cfgs(*([f"experiment=hang2024_imagenet256_target_{t}_{s}"]
+                                                  for t in ("eps", "x0") for s in ("cosine", "laplace"))))
     assert columns == ["schedule", "precond"]
     assert labels == ["cosine/eps", "laplace/eps", "cosine/x0", "laplace/x0"]
     # A single key varied (learning rate) next to the schedule; seeds share a row label.
-    labels, aspects, columns = evaluate.report_rows(cfgs(["schedule=laplace", "train.lr=0.001", "seed=0"],
-                                                         ["schedule=laplace", "train.lr=0.001", "seed=1"],
-                                                         ["schedule=laplace", "train.lr=0.002"],
-                                                         ["schedule=cauchy", "train.lr=0.002"]))
+    labels, aspects, columns = report_rows(cfgs(["schedule=laplace", "train.lr=0.001", "seed=0"],
+                                                ["schedule=laplace", "train.lr=0.001", "seed=1"],
+                                                ["schedule=laplace", "train.lr=0.002"],
+                                                ["schedule=cauchy", "train.lr=0.002"]))
     assert columns == ["schedule", "train.lr"]
     assert labels == ["laplace/train.lr=0.001"] * 2 + ["laplace/train.lr=0.002", "cauchy/train.lr=0.002"]
     assert aspects[0] == {"schedule": "laplace", "train.lr": "0.001"}
     # Nothing but the seed (and bookkeeping such as the tick length) varies: one row, named by its schedule.
-    labels, _, columns = evaluate.report_rows(cfgs(["seed=0"], ["seed=1", "train.tick_kimg=5"]))
+    labels, _, columns = report_rows(cfgs(["seed=0"], ["seed=1", "train.tick_kimg=5"]))
     assert labels == ["lognormal", "lognormal"] and columns == ["schedule"]
 
 
@@ -280,7 +287,7 @@ def test_sweep_of_sweeps_and_errors(tmp_path, sweep):
         for job, schedule in enumerate(("lognormal", "cosine")):
             write_run(root / data / schedule, [f"data={data}", f"schedule={schedule}"], {1: 50.0 - job, 2: 30.0},
                       job=job)
-    report = evaluate.collect_report(root)
+    report = collect_report(root)
     assert [t["title"] for t in report["tables"]] == ["binary_digits", "digits"]
     assert all(t["order"] == ["lognormal", "cosine"] for t in report["tables"])
 
@@ -293,24 +300,24 @@ def test_sweep_of_sweeps_and_errors(tmp_path, sweep):
     with pytest.raises(FileNotFoundError, match=rf"2 of 2 runs under {bare} have no FID curve \(fid_curve.jsonl\): a,"
                                                 rf" b\. Evaluate their checkpoints first: python evaluate.py "
                                                 rf"run_dir={bare}"):
-        evaluate.run_evaluation(compose("evaluate", [f"report={bare}"]))
+        run_evaluation(compose("evaluate", [f"report={bare}"]))
     with pytest.raises(ValueError, match="no runs under"):
-        evaluate.collect_report(tmp_path / "bare" / "a" / "checkpoints")
+        collect_report(tmp_path / "bare" / "a" / "checkpoints")
     with pytest.raises(FileNotFoundError, match="sweep directory not found"):
-        evaluate.collect_report(tmp_path / "nowhere")
+        collect_report(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="report=.* is a mode of its own: drop run_dir="):
-        evaluate.run_evaluation(compose("evaluate", [f"report={sweep}", f"run_dir={sweep}"]))
+        run_evaluation(compose("evaluate", [f"report={sweep}", f"run_dir={sweep}"]))
     with pytest.raises(ValueError, match="report=infonoise needs run_dir="):
-        evaluate.run_evaluation(compose("evaluate", ["report=infonoise"]))
+        run_evaluation(compose("evaluate", ["report=infonoise"]))
     with pytest.raises(ValueError, match="no InfoNoise run"):
-        evaluate.run_evaluation(compose("evaluate", ["report=infonoise", f"run_dir={sweep}"]))
+        run_evaluation(compose("evaluate", ["report=infonoise", f"run_dir={sweep}"]))
     with pytest.raises(ValueError, match="eval.curve_metric='kid_x' is not among the evaluated metrics"):
-        evaluate.collect_report(sweep, {"curve_metric": "kid_x"})
+        collect_report(sweep, {"curve_metric": "kid_x"})
 
 
 def test_schedules_report(tmp_path):
     """report=schedules: the schedules figure and table (evaluation/schedule_figure.py) into out=."""
-    out = evaluate.run_evaluation(compose("evaluate", ["report=schedules", f"out={tmp_path / 'figures'}"]))
+    out = run_evaluation(compose("evaluate", ["report=schedules", f"out={tmp_path / 'figures'}"]))
     assert sorted(Path(p).name for p in out["files"].values()) == ["schedules.md", "schedules.png"]
     assert "laplace" in (tmp_path / "figures" / "schedules.md").read_text()
 
@@ -322,11 +329,11 @@ def test_end_to_end_two_real_runs(tmp_path):
             timeout=300)
     cfg = compose("evaluate", [f"run_dir={sweep}", "eval.num_samples=20", "sampler.num_steps=3", "device=cpu",
                                "eval.baseline_run=lognormal"])
-    curves = evaluate.run_curves(cfg, ["sampler.num_steps=3"])
+    curves = run_curves(cfg, ["sampler.num_steps=3"])
     # The per-run table takes the row label `lognormal` for the one run trained with it (Hydra names it by overrides).
     assert "schedule=lognormal" in curves["summary"]["baseline"]
     assert curves["summary"]["rows"][curves["summary"]["baseline"]]["speedup"] == pytest.approx(1.0)
-    evaluate.run_evaluation(compose("evaluate", [f"report={sweep}", "eval.baseline_run=lognormal"]))
+    run_evaluation(compose("evaluate", [f"report={sweep}", "eval.baseline_run=lognormal"]))
     md = (sweep / "report" / "report.md").read_text()
     assert (sweep / "report" / "fid_vs_kimg.png").is_file()
 
@@ -356,7 +363,7 @@ def test_infonoise_report_of_a_sweep(tmp_path):
     write_run(sweep / "lognormal", ["schedule=lognormal"], {1: 10.0})
     run_cli("train.py", f"run_dir={sweep / 'info'}", "schedule=infonoise", "schedule.warmup_steps=2",
             "schedule.refresh_every=2", "schedule.min_count=1", *FAST_TRAIN, "device=cpu", timeout=300)
-    out = evaluate.run_evaluation(compose("evaluate", ["report=infonoise", f"run_dir={sweep}"]))
+    out = run_evaluation(compose("evaluate", ["report=infonoise", f"run_dir={sweep}"]))
     assert out["files"] == [str(sweep / "info" / "infonoise_profile.png")]
     assert (sweep / "info" / "infonoise_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -368,4 +375,4 @@ def test_infonoise_report_of_a_sweep(tmp_path):
     (0.128, 64, "0.128 kimg"),                  # below 10 kimg: four significant digits, no iteration count
 ])
 def test_kimg_column_headers(kimg, batch, header):
-    assert evaluate._kimg_header(kimg, batch) == header
+    assert kimg_header(kimg, batch) == header
