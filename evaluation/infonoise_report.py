@@ -26,9 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from diffusion.run_state import infonoise_from_run_state
+from diffusion.schedules import build_schedule
 from diffusion.schedules.infonoise import PI_QUANTILES, InfoNoise
+from training.checkpoint import list_checkpoints, load_checkpoint
 
 _PREFIX = "schedule/"
 
@@ -63,8 +66,6 @@ def _pick(items: list[Any], count: int) -> list[Any]:
 def load_profiles(run_dir: str | os.PathLike, max_checkpoints: int = 6) -> list[tuple[float, InfoNoise, float]]:
     """(kimg, InfoNoise, kimg at the end of its warm-up) for up to ``max_checkpoints`` checkpoints of the run, evenly
     spread, the newest included."""
-    from training.checkpoint import list_checkpoints, load_checkpoint
-
     out = []
     for path in _pick(list_checkpoints(run_dir), max_checkpoints):
         state = load_checkpoint(path)
@@ -95,8 +96,20 @@ def plot_infonoise_profile(run_dir: str | os.PathLike, out_png: str | os.PathLik
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_q, ax_area, ax_rate, ax_pi = axes.flat
+    _plot_quantiles(ax_q, metrics, profiles, base)
+    _plot_area(ax_area, metrics)
+    _plot_profiles(ax_rate, ax_pi, profiles, plt.get_cmap("viridis"))
+    fig.suptitle(f"InfoNoise: {run_dir.name}")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
 
-    # (a) quantiles of π over training ------------------------------------------------------------------------------
+
+def _plot_quantiles(ax_q: Any, metrics: list[dict[str, float]], profiles: list[tuple[float, InfoNoise, float]],
+                    base: Any) -> None:
+    """(a) quantiles of π over training, the gate pivot, the end of the warm-up and the base schedule's quantiles."""
     if metrics:
         kimg = [m["kimg"] for m in metrics]
         q = {p: [m.get(f"pi_q{round(p * 100):02d}", math.nan) for m in metrics] for p in PI_QUANTILES}
@@ -119,7 +132,9 @@ def plot_infonoise_profile(run_dir: str | os.PathLike, out_png: str | os.PathLik
     ax_q.set_title("(a) training density π: quantiles in σ")
     ax_q.legend(fontsize=7, loc="best")
 
-    # (b) area and CDF change -----------------------------------------------------------------------------------------
+
+def _plot_area(ax_area: Any, metrics: list[dict[str, float]]) -> None:
+    """(b) the area Σ rate·Δ (the likelihood-bound proxy) and max|ΔCDF| per refresh."""
     if metrics:
         kimg = [m["kimg"] for m in metrics]
         per_dim = all("area_per_dim" in m for m in metrics)
@@ -137,8 +152,10 @@ def plot_infonoise_profile(run_dir: str | os.PathLike, out_png: str | os.PathLik
     ax_area.set_xlabel("kimg")
     ax_area.set_title("(b) likelihood-bound proxy and table change")
 
-    # (c), (d) profiles at checkpoints --------------------------------------------------------------------------------
-    cmap = plt.get_cmap("viridis")
+
+def _plot_profiles(ax_rate: Any, ax_pi: Any, profiles: list[tuple[float, InfoNoise, float]], cmap: Any) -> None:
+    """(c) the rate per ln σ and (d) the training density π per ln σ at each checkpoint, against the base schedule
+    and EDM's ρ = 7 step density."""
     for i, (kimg_ck, sch, _) in enumerate(profiles):
         prof = {k: v.detach().cpu() for k, v in sch.profile().items()}
         color = cmap(i / max(1, len(profiles) - 1))
@@ -168,12 +185,6 @@ def plot_infonoise_profile(run_dir: str | os.PathLike, out_png: str | os.PathLik
         if ax.get_lines():
             ax.legend(fontsize=7, loc="best")
     ax_rate.set_yscale("log")
-    fig.suptitle(f"InfoNoise: {run_dir.name}")
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
 
 
 def _base_from_config(run_dir: Path):
@@ -181,10 +192,6 @@ def _base_from_config(run_dir: Path):
     path = run_dir / "config.yaml"
     if not path.exists():
         return None
-    from omegaconf import OmegaConf
-
-    from diffusion.schedules import build_schedule
-
     base_cfg = OmegaConf.load(path).get("schedule", {}).get("base")
     return None if base_cfg is None else build_schedule(base_cfg)
 
