@@ -1,16 +1,20 @@
 """Python side of the Hydra configuration: turning config groups into objects, and checking them.
 
-Every config group option (``configs/<group>/<option>.yaml``) has a ``name`` (and, for models, an ``arch``); the code
-picks the implementation from a small registry keyed by that name, and passes the remaining keys as keyword arguments.
-``build_from_registry`` does this once for all groups, so that an unknown option or an unknown / missing parameter
-fails with a message that names the group, the bad key and the valid choices.
+Every group that selects an implementation has a registry: a plain dict ``{implementation name: factory}`` next to
+the implementations (``models.ARCHITECTURES``, ``data.SOURCES``, ``diffusion.schedules.SCHEDULES``,
+``diffusion.weighting.WEIGHTINGS``, ``diffusion.preconditioning.PRECONDITIONERS``, ``diffusion.samplers.SAMPLERS``).
+A config names its implementation with a selector key — ``arch`` for models, ``source`` for data, ``name`` for the
+others (the keys checkpoints store) — and ``build_from_registry`` builds it, passing the remaining keys as keyword
+arguments. All groups go through it (samplers, which are functions rather than objects to build, through
+``registry_choice``), so an unknown choice or an unknown / missing parameter fails with one message format that names
+the field, the bad value and the valid choices: ``unknown model.arch 'x'; valid choices: dhariwalunet, dit, ...``.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -55,17 +59,20 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def check_kwargs(group: str, option: str, factory: Any, kwargs: Mapping[str, Any]) -> None:
-    """Raise a clear error if ``kwargs`` has keys ``factory`` does not accept, or lacks required ones."""
+def check_kwargs(group: str, option: str, factory: Any, kwargs: Mapping[str, Any],
+                 supplied: Collection[str] = ()) -> None:
+    """Raise a clear error if ``kwargs`` has keys ``factory`` does not accept, or lacks required ones.
+
+    ``supplied`` names the arguments the code passes itself: they are not listed as valid config parameters.
+    """
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"{group}={option}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {', '.join(accepted)}"
-        )
+        valid = ", ".join(n for n in accepted if n not in supplied) or "none"
+        raise ValueError(f"{group}={option}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {valid}")
     missing = [
         n for n in accepted if params[n].default is inspect.Parameter.empty and n not in kwargs
     ]
@@ -79,24 +86,45 @@ def accepted_parameters(factory: Any) -> set[str]:
     return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}
 
 
+def registry_choice(group: str, registry: Mapping[str, Any], cfg: Mapping[str, Any], key: str = "name") -> str:
+    """The entry of ``registry`` that ``cfg[key]`` selects, or the common error naming the field and the choices.
+
+    The field is the group itself for ``key="name"`` (``schedule=nope``), else ``<group>.<key>`` (``model.arch``).
+    """
+    valid = ", ".join(sorted(registry))
+    if key not in cfg:
+        name = cfg.get("name")
+        label = f" '{name}'" if name is not None and key != "name" else ""
+        raise ValueError(f"{group} config{label} has no '{key}' key; valid choices: {valid}")
+    choice = cfg[key]
+    if choice not in registry:
+        field = group if key == "name" else f"{group}.{key}"
+        raise ValueError(f"unknown {field} '{choice}'; valid choices: {valid}")
+    return choice
+
+
 def build_from_registry(group: str, registry: Mapping[str, Any], cfg: Any, key: str = "name",
                         drop: tuple[str, ...] = ("name",), context: Mapping[str, Any] | None = None,
-                        **extra: Any) -> Any:
+                        whole_config: bool = False, **extra: Any) -> Any:
     """Instantiate ``registry[cfg[key]]`` with the config's other keys (minus ``drop``) plus ``extra``.
 
-    ``context`` holds run facts some implementations need and others don't (the loss weighting, the image
-    resolution, ...): each entry is passed only if the factory has a parameter of that name, and never overrides a
-    value given in the config.
+    ``extra`` holds the arguments the code supplies (the network of a preconditioner, the data geometry of a
+    network); they are not config parameters. ``context`` holds run facts some implementations need and others don't
+    (the loss weighting, the image resolution, ...): each entry is passed only if the factory has a parameter of that
+    name, and never overrides a value given in the config. With ``whole_config`` the factory is called as
+    ``factory(config, **extra)`` with the whole plain config instead, for factories that read their own keys (the
+    data sources).
     """
     kwargs = to_plain_dict(cfg)
-    choice = kwargs.get(key)
-    if choice not in registry:
-        raise ValueError(f"unknown {group} {key} '{choice}'; valid choices: {', '.join(sorted(registry))}")
+    choice = registry_choice(group, registry, kwargs, key)
+    factory = registry[choice]
+    if whole_config:
+        return factory(kwargs, **extra)
+    option = str(kwargs.get("name") or choice)
     for k in drop:
         kwargs.pop(k, None)
     kwargs.update(extra)
-    factory = registry[choice]
-    check_kwargs(group, str(choice), factory, kwargs)
+    check_kwargs(group, option, factory, kwargs, supplied=tuple(extra))
     if context:
         wanted = accepted_parameters(factory)
         for k, v in context.items():

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from configs import build_from_registry
+
 from .augment import AugmentPipe, build_augment_pipe
 from .cifar10 import Cifar10Dataset, build_cifar10
 from .dataset import ImageDataset, cfg_to_dict, to_model_space, to_uint8
@@ -59,8 +61,5 @@ def build_dataset(data_cfg: Any, split: str = "train") -> ImageDataset:
     cfg = cfg_to_dict(data_cfg)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    source = cfg.get("source")
-    if source not in SOURCES:
-        raise ValueError(f"unknown data.source {source!r}; valid: {', '.join(SOURCES)}")
-    return SOURCES[source](cfg, split)
+    return build_from_registry("data", SOURCES, cfg, key="source", whole_config=True, split=split)
 

@@ -52,6 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from configs import check_kwargs, registry_choice, to_plain_dict
+
 Denoiser = nn.Module | Callable[..., Tensor]
 RandnLike = Callable[[Tensor], Tensor]
 
@@ -191,20 +193,26 @@ GUIDANCE_KEYS = frozenset({"guidance", "guidance_interval", "guide_ckpt"})
 NON_OPTION_KEYS = GRID_KEYS | GUIDANCE_KEYS
 
 
-def sampler_options(sampler_cfg: Any) -> dict[str, Any]:
-    """The keyword options a sampler config passes to its sampler function (unknown keys are an error)."""
-    from configs import check_kwargs, to_plain_dict
+def resolve_sampler(sampler_cfg: Any) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+    """The sampler function a sampler config names (``SAMPLERS[name]``) and the keyword options it passes to it.
 
+    An unknown sampler fails with the registries' common message (``configs.registry_choice``), an unknown option
+    with ``configs.check_kwargs``'s.
+    """
     cfg = to_plain_dict(sampler_cfg)
-    name = cfg.get("name")
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; valid choices: {', '.join(sorted(SAMPLERS))}")
+    name = registry_choice("sampler", SAMPLERS, cfg)
     options = {k: v for k, v in cfg.items() if k not in NON_OPTION_KEYS}
     reserved = sorted({"class_labels", "randn_like"} & set(options))
     if reserved:
         raise ValueError(f"sampler={name}: {', '.join(reserved)} cannot be set from the config")
-    check_kwargs("sampler", name, SAMPLERS[name], {"denoiser": None, "noise": None, "sigmas": None, **options})
-    return options
+    check_kwargs("sampler", name, SAMPLERS[name], {"denoiser": None, "noise": None, "sigmas": None, **options},
+                 supplied=("denoiser", "noise", "sigmas", "class_labels", "randn_like"))
+    return SAMPLERS[name], options
+
+
+def sampler_options(sampler_cfg: Any) -> dict[str, Any]:
+    """The keyword options a sampler config passes to its sampler function (unknown keys are an error)."""
+    return resolve_sampler(sampler_cfg)[1]
 
 
 class NFECounter:

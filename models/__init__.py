@@ -11,12 +11,12 @@ Architectures (``arch``): ``songunet`` (EDM's DDPM++ / NCSN++, ``models.song_une
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from configs import build_from_registry, to_plain_dict
 from models.adm import DhariwalUNet
 from models.dit import DiT
 from models.song_unet import SongUNet
@@ -28,17 +28,6 @@ _DATA_ARGS = ("img_resolution", "in_channels", "out_channels", "label_dim", "aug
 _META_KEYS = ("name", "arch")
 
 
-def _to_plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python (lists/dicts) so modules never hold DictConfig/ListConfig values."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def build_network(
     model_cfg: Mapping[str, Any],
     img_resolution: int,
@@ -48,36 +37,21 @@ def build_network(
 ) -> nn.Module:
     """Build the network described by ``model_cfg`` (a dict or DictConfig with ``arch`` plus arch kwargs).
 
-    in/out channels are both ``img_channels``. Raises ValueError for an unknown ``arch`` (listing the valid ones)
-    or for a config key the architecture's constructor does not accept (naming the key and the config).
+    in/out channels are both ``img_channels``. Goes through ``configs.build_from_registry`` (selector key ``arch``):
+    a missing or unknown ``arch`` and a config key the architecture's constructor does not accept fail with the
+    registries' common message; a config that sets one of the data-given arguments fails naming it.
     """
-    cfg = dict(_to_plain(model_cfg))
-    cfg_name = cfg.get("name", "<unnamed>")
-    if "arch" not in cfg:
-        raise ValueError(f"model config '{cfg_name}' has no 'arch' key; valid archs: {', '.join(ARCHITECTURES)}")
-    arch = cfg["arch"]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model.arch '{arch}' in model config '{cfg_name}'; valid: {', '.join(ARCHITECTURES)}")
-    cls = ARCHITECTURES[arch]
-    kwargs = {k: v for k, v in cfg.items() if k not in _META_KEYS}
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in _DATA_ARGS]
-    for key in kwargs:
+    cfg = to_plain_dict(model_cfg)
+    for key in cfg:
         if key in _DATA_ARGS:
             raise ValueError(
-                f"model config '{cfg_name}' sets '{key}', which comes from the data config; remove it from the model "
-                "config"
+                f"model config '{cfg.get('name', '<unnamed>')}' sets '{key}', which comes from the data config; "
+                "remove it from the model config"
             )
-        if key not in accepted:
-            raise ValueError(
-                f"unknown key '{key}' in model config '{cfg_name}' (arch '{arch}'); valid keys: {', '.join(accepted)}"
-            )
-    return cls(
-        img_resolution=img_resolution,
-        in_channels=img_channels,
-        out_channels=img_channels,
-        label_dim=label_dim,
-        augment_dim=augment_dim,
-        **kwargs,
+    return build_from_registry(
+        "model", ARCHITECTURES, cfg, key="arch", drop=_META_KEYS,
+        img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+        label_dim=label_dim, augment_dim=augment_dim,
     )
 
 

@@ -163,5 +163,5 @@ def test_argument_errors():
         net(torch.zeros(1, 3, 16, 16), torch.zeros(1))
     with pytest.raises(ValueError, match="class_labels must be one-hot"):
         net(torch.zeros(2, 1, 16, 16), torch.zeros(2), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="unknown key 'channels' in model config 'adm'"):
+    with pytest.raises(ValueError, match="model=adm: unknown parameter.*channels; valid parameters: .*model_channels"):
         build_network(load_cfg(channels=8), 16, 3)

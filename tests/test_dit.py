@@ -299,5 +299,5 @@ def test_argument_errors():
         net(torch.zeros(1, 3, 8, 8), torch.zeros(1))
     with pytest.raises(ValueError, match="class_labels must be one-hot"):
         net(torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="unknown key 'size_x' in model config 'dit_b2'"):
+    with pytest.raises(ValueError, match="model=dit_b2: unknown parameter.*size_x; valid parameters: .*size"):
         build_network(load_cfg("dit_b2", size_x=1), 32, 4)

@@ -340,9 +340,9 @@ def test_songunet_argument_errors():
 # --------------------------------------------------------------------------------------------------------------
 def test_build_network_errors_and_plain_dicts():
     assert ARCHITECTURES["songunet"] is SongUNet
-    with pytest.raises(ValueError, match="unknown model.arch 'unetx'.*valid: songunet"):
+    with pytest.raises(ValueError, match="unknown model.arch 'unetx'; valid choices: .*songunet"):
         build_network({"name": "foo", "arch": "unetx"}, 8, 1)
-    with pytest.raises(ValueError, match="unknown key 'channels' in model config 'unet_tiny'"):
+    with pytest.raises(ValueError, match="model=unet_tiny: unknown parameter.*channels; valid parameters: .*model_channels"):
         build_network(load_cfg("unet_tiny", channels=64), 8, 1)
     with pytest.raises(ValueError, match="'in_channels'.*data config"):
         build_network(load_cfg("unet_tiny", in_channels=3), 8, 1)

@@ -26,7 +26,7 @@ from data import LatentCodec, to_uint8
 from diffusion.guidance import apply_guidance, guidance_settings
 from diffusion.per_image_noise import PerImageNoise
 from diffusion.run_state import infonoise_from_run_state
-from diffusion.samplers import SAMPLERS, NFECounter, sampler_options
+from diffusion.samplers import NFECounter, resolve_sampler
 from diffusion.sigma_grids import build_sigma_grid, parse_infogrid
 from training.checkpoint import load_checkpoint, load_denoiser
 
@@ -94,10 +94,7 @@ def prepare_sampling(denoiser: Callable[..., Tensor], sampler_cfg: Any, *, devic
     denoiser. ``guide`` is the autoguidance model (loaded from ``sampler.guide_ckpt`` if that is set and it is None);
     ``profile_schedule`` is an InfoNoise run's profile for ``sampler.steps_from=infonoise``."""
     device = torch.device(device)
-    name = to_plain_dict(sampler_cfg).get("name")
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; valid choices: {', '.join(sorted(SAMPLERS))}")
-    options = sampler_options(sampler_cfg)
+    sampler, options = resolve_sampler(sampler_cfg)
     dtype = _dtype(str(to_plain_dict(sampler_cfg).get("dtype") or "float64"))
     context = {"img_resolution": getattr(denoiser, "img_resolution", None),
                "sigma_data": getattr(denoiser, "sigma_data", None)}
@@ -111,7 +108,7 @@ def prepare_sampling(denoiser: Callable[..., Tensor], sampler_cfg: Any, *, devic
     if label_dim:
         main_counter.label_dim = label_dim  # an explicit label_dim overrides the model's (e.g. analytic denoisers)
     guided = apply_guidance(main_counter, sampler_cfg, guide=guide_counter)
-    return SamplingSetup(SAMPLERS[name], options, sigmas, guided, main_counter, guide_counter, int(label_dim or 0))
+    return SamplingSetup(sampler, options, sigmas, guided, main_counter, guide_counter, int(label_dim or 0))
 
 
 def _sample_batch(setup: SamplingSetup, denoiser: Callable[..., Tensor], seeds: Sequence[int],
