@@ -15,37 +15,30 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from evaluation.infonoise_report import plot_infonoise_profile
 from training.distributed import init_distributed, shutdown_distributed
 from training.trainer import train
 
 
-def evaluate_during_training(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """The Trainer's ``evaluate_fn``: evaluation's periodic protocol, imported only when a run evaluates."""
-    # TODO(layering): drop the fallback to evaluate.py (an entry point must not import another) once
-    # evaluation/protocol.py, which takes over evaluate_during_training, has landed.
-    try:
-        from evaluation.protocol import evaluate_during_training as evaluate_fn
-    except ImportError:
-        from evaluate import evaluate_during_training as evaluate_fn
-    return evaluate_fn(*args, **kwargs)
+def hooks(cfg: DictConfig) -> dict[str, Any]:
+    """What the Trainer gets from the layer above it: evaluation's periodic protocol when ``eval.every_kimg`` is set
+    (imported only then: it loads the feature extractors' libraries) and the InfoNoise profile figure."""
+    wired: dict[str, Any] = {"plot_profile": plot_infonoise_profile}
+    if cfg.eval.get("every_kimg"):
+        from evaluation.protocol import evaluate_during_training
 
-
-def plot_infonoise_profile(run_dir: Path) -> Path:
-    """The Trainer's ``plot_profile``: the InfoNoise report figure of a finished run (matplotlib, imported late)."""
-    from evaluation.infonoise_report import plot_infonoise_profile as plot
-
-    return plot(run_dir)
+        wired["evaluate_fn"] = evaluate_during_training
+    return wired
 
 
 def main(cfg: DictConfig) -> None:
     dist_info = init_distributed(cfg.device)
     try:
-        train(cfg, dist_info, evaluate_fn=evaluate_during_training, plot_profile=plot_infonoise_profile)
+        train(cfg, dist_info, **hooks(cfg))
     finally:
         shutdown_distributed()
 

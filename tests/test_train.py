@@ -99,7 +99,7 @@ def test_bad_config_values_fail_fast_with_clear_errors(tmp_path, override, messa
 def test_periodic_evaluation_is_logged_and_keeps_resume_exact(tmp_path):
     """eval.every_kimg logs the classifier-FID to metrics.jsonl, and evaluating does not perturb training."""
     evaluated, plain = tmp_path / "evaluated", tmp_path / "plain"
-    from train import evaluate_during_training  # the hook train.py wires into the Trainer
+    from evaluation.protocol import evaluate_during_training  # the hook train.py wires into the Trainer
 
     extra = ["eval.every_kimg=0.128", "eval.num_samples_during_training=50", "sampler.num_steps=4"]
     _train(evaluated, *extra, evaluate_fn=evaluate_during_training)
@@ -116,3 +116,15 @@ def test_periodic_evaluation_needs_its_hook(tmp_path):
     with pytest.raises(ValueError, match="eval.every_kimg=0.128 asks for evaluation during training"):
         _train(tmp_path, "eval.every_kimg=0.128")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_entry_point_wires_the_evaluation_hooks():
+    """train.py hands the Trainer evaluation's protocol (only when eval.every_kimg asks for it) and the InfoNoise
+    profile figure."""
+    import train as entry
+    from evaluation.infonoise_report import plot_infonoise_profile
+    from evaluation.protocol import evaluate_during_training
+
+    assert entry.hooks(compose("train", [])) == {"plot_profile": plot_infonoise_profile}
+    assert entry.hooks(compose("train", ["eval.every_kimg=10"])) == {
+        "plot_profile": plot_infonoise_profile, "evaluate_fn": evaluate_during_training}
