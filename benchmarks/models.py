@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from configs.model_sizes import canonical_model_config  # noqa: E402
+
 CONFIG_DIR = ROOT / "configs" / "model"
 # (resolution, channels, label_dim) per config name, else per arch.
 GEOMETRY_BY_NAME = {"unet_tiny": (8, 1, 10)}
@@ -43,7 +45,7 @@ GEOMETRY_BY_ARCH = {"songunet": (32, 3, 10), "dhariwalunet": (64, 3, 1000), "dit
 REDUCED = {  # as tests/test_models_train.py
     "songunet": lambda cfg: dict(model_channels=8, num_blocks=1, dropout=0.0),
     "dhariwalunet": lambda cfg: dict(model_channels=8, channels_per_head=8, num_blocks=1, dropout=0.0),
-    "dit": lambda cfg: dict(depth=2, hidden_size=8 * cfg.num_heads),
+    "dit": lambda cfg: dict(depth=2, hidden_size=8 * canonical_model_config(cfg)["num_heads"]),
 }
 
 

@@ -9,9 +9,11 @@ relations between groups.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
-from configs import flatten
+from configs import flatten, to_plain_dict
+from configs.model_sizes import canonical_model_config
 
 # Fields that define what is being trained. Resuming a checkpoint whose values differ in any of these would silently
 # continue a different experiment, so ``config_differences`` reports them.
@@ -107,10 +109,22 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
              f"must be null, 'auto' or a path to a checkpoint / run directory, got {resume!r}")
 
 
+def _with_canonical_model(cfg: Any) -> Any:
+    """``cfg`` with its model config in the canonical spelling (``configs.model_sizes.canonical_model_config``)."""
+    plain = to_plain_dict(cfg)
+    if isinstance(plain.get("model"), Mapping):
+        plain["model"] = canonical_model_config(plain["model"])
+    return plain
+
+
 def config_differences(saved: dict, current: dict, fields: tuple[str, ...] = RESUME_MUST_MATCH,
                        ignore: tuple[str, ...] = ("data.path",)) -> list[str]:
-    """Human-readable 'field: saved -> current' lines for the ``fields`` (and their sub-keys) that differ."""
-    flat_saved, flat_current = flatten(saved), flatten(current)
+    """Human-readable 'field: saved -> current' lines for the ``fields`` (and their sub-keys) that differ.
+
+    Model configs are compared in their canonical spelling, so a DiT saved with explicit depth / hidden_size /
+    num_heads matches the same network selected by ``size``.
+    """
+    flat_saved, flat_current = flatten(_with_canonical_model(saved)), flatten(_with_canonical_model(current))
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_current)):
         if not any(key == f or key.startswith(f + ".") for f in fields) or key in ignore:

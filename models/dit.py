@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.model_sizes import DIT_SIZES  # the one table of the DiT sizes (see DiT)
 from models.layers import (
     Linear,
     PositionalEmbedding,
@@ -55,13 +56,6 @@ from models.layers import (
     weight_init,
 )
 
-# name -> (depth, hidden_size, num_heads), Peebles & Xie 2023, Table 1.
-DIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
 FREQUENCY_EMBEDDING_SIZE = 256
 
 
@@ -157,8 +151,11 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion Transformer (see the module docstring). Interface as every models/ network.
 
-    ``size`` ("S", "B", "L", "XL") sets depth / hidden_size / num_heads (Peebles & Xie, Table 1); each of those
-    three, when given, overrides the size's value (for reduced test networks).
+    A DiT is named as in the paper: DiT-XL/2 is ``size="XL"``, ``patch_size=2``. The size ("S", "B", "L", "XL") sets
+    depth / hidden_size / num_heads from ``DIT_SIZES`` (Peebles & Xie 2023, Table 1; the one table of the sizes, in
+    ``configs.model_sizes``, which the model configs ``configs/model/dit_*.yaml`` select from). Each of those three,
+    when given, overrides the size's value (reduced test networks, ``model.depth=6``); without a size all three are
+    required — the spelling of configs written before the YAMLs named sizes, which so build the same network.
     """
 
     def __init__(

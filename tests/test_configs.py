@@ -83,3 +83,30 @@ def test_defaults_are_the_cpu_demo():
     assert (cfg.model.name, cfg.data.name, cfg.schedule.name, cfg.precond.name, cfg.sampler.name) == (
         "unet_tiny", "digits", "lognormal", "edm", "heun")
     assert Path(CONFIG_DIR / "train.yaml").read_text().count("optional experiment") == 1
+
+
+def test_dit_configs_written_before_sizes_were_named_still_match():
+    """Checkpoints of DiT runs store the model config they were made with; before the model configs named a size
+    (``size: B``) they spelled out depth / hidden_size / num_heads. Both spellings build the same network, and resuming
+    such a run with today's ``model=dit_b2`` finds no difference in the model config."""
+    from omegaconf import OmegaConf
+
+    from configs.validation import config_differences
+    from models import build_network, count_parameters
+
+    now = OmegaConf.to_container(compose("train", ["model=dit_b2"]), resolve=True)
+    saved = OmegaConf.to_container(compose("train", ["model=dit_b2"]), resolve=True)
+    del saved["model"]["size"]
+    saved["model"].update(depth=12, hidden_size=768, num_heads=12)  # the old configs/model/dit_b2.yaml
+    assert config_differences(saved, now) == []
+    with torch.device("meta"):
+        old_net = build_network(saved["model"], 32, 4, label_dim=1000)
+        new_net = build_network(now["model"], 32, 4, label_dim=1000)
+    assert count_parameters(old_net) == count_parameters(new_net) == 130_315_808
+    assert [(k, v.shape) for k, v in old_net.state_dict().items()] == [
+        (k, v.shape) for k, v in new_net.state_dict().items()]
+    # a different network is still a difference, and an override of a size's value is honoured
+    bigger = OmegaConf.to_container(compose("train", ["model=dit_l2"]), resolve=True)
+    assert any(d.startswith("model.depth") for d in config_differences(saved, bigger))
+    deeper = OmegaConf.to_container(compose("train", ["model=dit_b2", "model.depth=6"]), resolve=True)
+    assert config_differences(saved, deeper) == ["model.depth: 12 (checkpoint) != 6 (now)"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from configs.model_sizes import canonical_model_config
 from diffusion.preconditioning import EDMPrecond
 from models import ARCHITECTURES, build_network, count_parameters
 from models.dit import DIT_SIZES, DiT, DiTBlock, sincos_pos_embed_2d
@@ -100,7 +101,8 @@ def test_flops_equal_closed_form(name):
     cfg = load_cfg(name)
     with torch.device("meta"):
         net = build_network(cfg, 32, 4, label_dim=1000)
-    expected = _closed_form_macs(cfg.depth, cfg.hidden_size, cfg.patch_size)
+    depth, hidden_size, _ = DIT_SIZES[cfg.size]  # the config names its size; the table gives the dimensions
+    expected = _closed_form_macs(depth, hidden_size, cfg.patch_size)
     flops = count_flops(net, 32, 4, label_dim=1000)
     assert flops == 2 * expected  # FlopCounterMode charges 2 FLOPs per multiply-add
     assert count_macs(net, 32, 4, label_dim=1000) == expected
@@ -141,7 +143,9 @@ def test_sizes_and_configs_agree():
     for name in DIT_CONFIGS:
         cfg = load_cfg(name)
         size = name[4:-1].upper()
-        assert (cfg.depth, cfg.hidden_size, cfg.num_heads) == DIT_SIZES[size]
+        assert cfg.size == size  # the config names its size; the table gives its dimensions
+        full = canonical_model_config(cfg)
+        assert (full["depth"], full["hidden_size"], full["num_heads"]) == DIT_SIZES[size]
         assert cfg.patch_size == int(name[-1]) and cfg.name == name and cfg.mlp_ratio == 4
     assert DIT_SIZES == {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
     with torch.device("meta"):

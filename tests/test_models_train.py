@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from configs.model_sizes import canonical_model_config
 from data.digits import DigitsDataset
 from diffusion.preconditioning import EDMPrecond
 from models import ARCHITECTURES, build_network
@@ -27,7 +28,7 @@ MODEL_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml
 REDUCED = {
     "songunet": lambda cfg: dict(model_channels=8, num_blocks=1, dropout=0.0),
     "dhariwalunet": lambda cfg: dict(model_channels=8, channels_per_head=8, num_blocks=1, dropout=0.0),
-    "dit": lambda cfg: dict(depth=2, hidden_size=8 * cfg.num_heads),
+    "dit": lambda cfg: dict(depth=2, hidden_size=8 * canonical_model_config(cfg)["num_heads"]),
 }
 
 
