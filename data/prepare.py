@@ -33,6 +33,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,61 @@ def _latent_stats(shards: list[np.ndarray], channels: int) -> tuple[list[float],
     return mean.tolist(), np.sqrt(var).tolist()
 
 
+@dataclass
+class _LatentSource:
+    """The images ``prepare_latents`` encodes (``read``), their labels, and how the metadata describes them."""
+
+    num: int
+    read: Callable[[Sequence[int]], Iterator[np.ndarray]]
+    labels: np.ndarray | None
+    num_classes: int
+    class_names: list[str] | None
+    fingerprint: str
+    meta: dict[str, Any]
+    reader: _ImageReader | None = None  # decoding worker processes, closed by the caller
+
+
+def _latent_source(source_path: Path, *, resolution: int, transform: str, labels: str, workers: int,
+                   max_images: int | None) -> _LatentSource:
+    """A prepared pixel directory (read as stored) or an image source (decoded and transformed by workers)."""
+    if is_prepared(source_path):
+        prepared = _PreparedPixels(source_path, resolution, max_images)
+        return _LatentSource(prepared.num, prepared.read, prepared.labels, prepared.num_classes, prepared.class_names,
+                             fingerprint=f"{prepared.meta['settings']}",
+                             meta={"type": "prepared", "path": str(source_path.resolve()), "resolution": resolution})
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown --transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+    image_source = _limit(ImageSource(source_path, labels=labels), max_images)
+    num, source_labels = len(image_source), image_source.labels
+    num_classes, class_names = image_source.num_classes, image_source.class_names
+    fingerprint = image_source.fingerprint()
+    meta = {"type": "folder", "path": str(source_path.resolve()), "transform": transform, "resolution": resolution,
+            "labels": image_source.label_mode}
+    reader = _ImageReader(image_source, transform, resolution, 3, workers)  # before CUDA is initialised
+    return _LatentSource(num, reader.read, source_labels, num_classes, class_names, fingerprint, meta, reader)
+
+
+def _encode_pending_shards(writer: ShardedWriter, read: Callable[[Sequence[int]], Iterator[np.ndarray]],
+                           encode: Callable[[list[np.ndarray], int], np.ndarray], *, item_shape: tuple[int, ...],
+                           store: np.dtype, batch: int, num: int, resolution: int) -> None:
+    """Encode and write every shard not written yet, ``batch`` images at a time, with a progress bar."""
+    pending = writer.pending_shards()
+    done = num - sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in pending)
+    with _progress(num, done, f"latents {resolution}px") as bar:
+        for k in pending:
+            start, stop = writer.shard_range(k)
+            shard = np.empty((stop - start, *item_shape), dtype=store)
+            images: list[np.ndarray] = []
+            for i, image in enumerate(read(range(start, stop)), start=start):
+                images.append(image)
+                if len(images) == batch or i == stop - 1:
+                    first = i + 1 - len(images)
+                    shard[first - start : i + 1 - start] = encode(images, first)
+                    bar.update(len(images))
+                    images = []
+            writer.write_shard(k, shard)
+
+
 def prepare_latents(source: str | os.PathLike, dest: str | os.PathLike, *, resolution: int = 256,
                     transform: str = "adm", labels: str = "auto", vae: str | None = None,
                     vae_subfolder: str | None = None, encoding: str = "sample", flip: bool = False, seed: int = 0,
@@ -277,26 +333,8 @@ def prepare_latents(source: str | os.PathLike, dest: str | os.PathLike, *, resol
         raise ValueError(f"unknown --dtype {dtype!r}; valid: float32, float16")
     if resolution % DOWNSAMPLE:
         raise ValueError(f"--resolution must be a multiple of {DOWNSAMPLE}, got {resolution}")
-    source_path = Path(source).expanduser()
-    reader: Any
-    if is_prepared(source_path):
-        prepared = _PreparedPixels(source_path, resolution, max_images)
-        num, read, source_labels = prepared.num, prepared.read, prepared.labels
-        num_classes, class_names = prepared.num_classes, prepared.class_names
-        fingerprint = f"{prepared.meta['settings']}"
-        source_meta = {"type": "prepared", "path": str(source_path.resolve()), "resolution": resolution}
-        reader = None
-    else:
-        if transform not in TRANSFORMS:
-            raise ValueError(f"unknown --transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
-        image_source = _limit(ImageSource(source_path, labels=labels), max_images)
-        num, source_labels = len(image_source), image_source.labels
-        num_classes, class_names = image_source.num_classes, image_source.class_names
-        fingerprint = image_source.fingerprint()
-        source_meta = {"type": "folder", "path": str(source_path.resolve()), "transform": transform,
-                       "resolution": resolution, "labels": image_source.label_mode}
-        reader = _ImageReader(image_source, transform, resolution, 3, workers)  # before CUDA is initialised
-        read = reader.read
+    src = _latent_source(Path(source).expanduser(), resolution=resolution, transform=transform, labels=labels,
+                         workers=workers, max_images=max_images)
     try:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         vae_model = load_vae(vae, vae_subfolder, device)
@@ -310,15 +348,14 @@ def prepare_latents(source: str | os.PathLike, dest: str | os.PathLike, *, resol
         store = np.dtype(dtype)
         shard_size = shard_size or default_shard_size(int(np.prod(item_shape)) * store.itemsize)
         writer = ShardedWriter(
-            dest, num_items=num, item_shape=item_shape, dtype=store, shard_size=shard_size, command=command,
-            settings={"kind": "latents", "fingerprint": fingerprint, "resolution": resolution, "transform": transform,
-                      "vae": vae, "vae_subfolder": vae_subfolder, "encoding": encoding, "flip": flip, "seed": seed},
+            dest, num_items=src.num, item_shape=item_shape, dtype=store, shard_size=shard_size, command=command,
+            settings={"kind": "latents", "fingerprint": src.fingerprint, "resolution": resolution,
+                      "transform": transform, "vae": vae, "vae_subfolder": vae_subfolder, "encoding": encoding,
+                      "flip": flip, "seed": seed},
         )
         if writer.complete:
             print(f"'{dest}' is already complete; nothing to do", file=sys.stderr)
             return Path(dest)
-        pending = writer.pending_shards()
-        done = num - sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in pending)
 
         def encode(images: list[np.ndarray], first: int) -> np.ndarray:
             """Raw latents [n, V, C, h, w] of images first, first + 1, ... (variant 1: the mirrored image)."""
@@ -329,28 +366,17 @@ def prepare_latents(source: str | os.PathLike, dest: str | os.PathLike, *, resol
                 out.append(codec.encode_raw(x.flip(-1), encoding, seed=seed, indices=idx, variant=1))
             return torch.stack(out, dim=1).numpy()
 
-        with _progress(num, done, f"latents {resolution}px") as bar:
-            for k in pending:
-                start, stop = writer.shard_range(k)
-                shard = np.empty((stop - start, *item_shape), dtype=store)
-                images: list[np.ndarray] = []
-                for i, image in enumerate(read(range(start, stop)), start=start):
-                    images.append(image)
-                    if len(images) == batch or i == stop - 1:
-                        first = i + 1 - len(images)
-                        shard[first - start : i + 1 - start] = encode(images, first)
-                        bar.update(len(images))
-                        images = []
-                writer.write_shard(k, shard)
+        _encode_pending_shards(writer, src.read, encode, item_shape=item_shape, store=store, batch=batch,
+                               num=src.num, resolution=resolution)
         mean, std = _latent_stats(writer.shards(), channels)
         latent_meta = {"vae": vae, "vae_subfolder": vae_subfolder, "scaling_factor": scaling, "encoding": encoding,
                        "seed": seed, "image_resolution": resolution, "flip_copies": flip, "mean": mean, "std": std}
-        writer.finalize({"kind": "latents", "variants": variants, "num_classes": num_classes,
-                         "class_names": class_names, "source": source_meta, "latent": latent_meta}, source_labels)
+        writer.finalize({"kind": "latents", "variants": variants, "num_classes": src.num_classes,
+                         "class_names": src.class_names, "source": src.meta, "latent": latent_meta}, src.labels)
         return Path(dest)
     finally:
-        if reader is not None:
-            reader.close()
+        if src.reader is not None:
+            src.reader.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,21 @@ from models.layers import (
 )
 
 
+def _check_attention_width(img_resolution: int, channel_mult: Sequence[int], num_blocks: int,
+                           attn_resolutions: Sequence[int], model_channels: int, channels_per_head: int) -> None:
+    """Raise ValueError for a block count < 1 or an attention level narrower than one head."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if res in attn_resolutions and model_channels * mult < channels_per_head:
+            raise ValueError(
+                f"attention at {res}x{res} needs at least channels_per_head={channels_per_head} channels, level "
+                f"{level} has model_channels * channel_mult[{level}] = {model_channels * mult}; lower "
+                "channels_per_head or drop the resolution from attn_resolutions"
+            )
+
+
 class DhariwalUNet(nn.Module):
     """EDM's ADM / DhariwalUNet (see the module docstring). Interface as every models/ network."""
 
@@ -67,16 +82,8 @@ class DhariwalUNet(nn.Module):
         super().__init__()
         channel_mult = check_unet_args(img_resolution, channel_mult, dropout, label_dropout)
         attn_resolutions = [int(r) for r in attn_resolutions]
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if res in attn_resolutions and model_channels * mult < channels_per_head:
-                raise ValueError(
-                    f"attention at {res}x{res} needs at least channels_per_head={channels_per_head} channels, level "
-                    f"{level} has model_channels * channel_mult[{level}] = {model_channels * mult}; lower "
-                    "channels_per_head or drop the resolution from attn_resolutions"
-                )
+        _check_attention_width(img_resolution, channel_mult, num_blocks, attn_resolutions, model_channels,
+                               channels_per_head)
 
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -100,25 +107,36 @@ class DhariwalUNet(nn.Module):
             init=init,
             init_zero=init_zero,
         )
+        # Registration order (embedding, encoder, decoder, output) fixes the parameter order and the init's RNG draws.
+        self._build_embedding(model_channels, emb_channels, init)
+        cout = self._build_encoder(model_channels, channel_mult, num_blocks, attn_resolutions, init, block_kwargs)
+        cout = self._build_decoder(cout, model_channels, channel_mult, num_blocks, attn_resolutions, block_kwargs)
+        self.out_norm = GroupNorm(cout, eps=1e-5)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-        # Embedding.
+    def _build_embedding(self, model_channels: int, emb_channels: int, init: dict) -> None:
+        """Noise-level embedding (+ augmentation labels), the two-layer MLP, and the class-embedding table."""
         self.map_noise = PositionalEmbedding(model_channels, endpoint=False)
         self.map_augment = (
-            Linear(augment_dim, model_channels, bias=False, init_mode="kaiming_normal") if augment_dim else None
+            Linear(self.augment_dim, model_channels, bias=False, init_mode="kaiming_normal")
+            if self.augment_dim else None
         )
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = (
-            Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal", init_weight=math.sqrt(label_dim))
-            if label_dim
+            Linear(self.label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                   init_weight=math.sqrt(self.label_dim))
+            if self.label_dim
             else None
         )
 
-        # Encoder.
+    def _build_encoder(self, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
+                       attn_resolutions: Sequence[int], init: dict, block_kwargs: dict) -> int:
+        """``self.enc``; returns the channel count at the bottom."""
         self.enc = nn.ModuleDict()
-        cout = in_channels
+        cout = self.in_channels
         for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
+            res = self.img_resolution >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels * mult, kernel=3, **init)
                 cout = model_channels * mult
@@ -129,12 +147,15 @@ class DhariwalUNet(nn.Module):
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
                     cin, cout, attention=(res in attn_resolutions), **block_kwargs
                 )
-        skip_channels = [m.out_channels for m in self.enc.values()]
+        return cout
 
-        # Decoder. Blocks named "_block{idx}" consume one skip each.
+    def _build_decoder(self, cout: int, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
+                       attn_resolutions: Sequence[int], block_kwargs: dict) -> int:
+        """``self.dec``; blocks named "_block{idx}" consume one encoder output each. Returns the output width."""
+        skip_channels = [m.out_channels for m in self.enc.values()]
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
+            res = self.img_resolution >> level
             if level == len(channel_mult) - 1:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
@@ -146,8 +167,7 @@ class DhariwalUNet(nn.Module):
                     cin, cout, attention=(res in attn_resolutions), **block_kwargs
                 )
         assert not skip_channels
-        self.out_norm = GroupNorm(cout, eps=1e-5)
-        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        return cout
 
     def embed(
         self,

@@ -57,6 +57,29 @@ def _check_choice(kind: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {kind} '{value}'; valid: {', '.join(valid)}")
 
 
+def _layer_settings(emb_channels: int, dropout: float, resample_filter: Sequence[float]) -> tuple[dict, dict, dict]:
+    """(init, init_zero, UNetBlock keyword arguments) of EDM's SongUNet: xavier_uniform init, x 1e-5 for the last
+    conv of each residual branch, x sqrt(0.2) for the qkv conv; one head, skip_scale sqrt(0.5), GroupNorm eps 1e-6,
+    1x1 projected resampling skips, additive embedding."""
+    init = dict(init_mode="xavier_uniform")
+    init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
+    init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
+    block_kwargs = dict(
+        emb_channels=emb_channels,
+        num_heads=1,
+        dropout=dropout,
+        skip_scale=math.sqrt(0.5),
+        eps=1e-6,
+        resample_filter=resample_filter,
+        resample_proj=True,
+        adaptive_scale=False,
+        init=init,
+        init_zero=init_zero,
+        init_attn=init_attn,
+    )
+    return init, init_zero, block_kwargs
+
+
 class SongUNet(nn.Module):
     """EDM's SongUNet (DDPM++ with positional/standard/standard, NCSN++ with fourier/residual/standard)."""
 
@@ -97,51 +120,49 @@ class SongUNet(nn.Module):
         self.decoder_type = decoder_type
 
         emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode="xavier_uniform")
-        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(
-            emb_channels=emb_channels,
-            num_heads=1,
-            dropout=dropout,
-            skip_scale=math.sqrt(0.5),
-            eps=1e-6,
-            resample_filter=resample_filter,
-            resample_proj=True,
-            adaptive_scale=False,
-            init=init,
-            init_zero=init_zero,
-            init_attn=init_attn,
-        )
+        init, init_zero, block_kwargs = _layer_settings(emb_channels, dropout, resample_filter)
+        # Registration order (embedding, encoder, decoder) fixes the parameter order and the RNG draws of the init.
+        self._build_embedding(embedding_type, model_channels * channel_mult_noise, emb_channels, init)
+        cout = self._build_encoder(model_channels, channel_mult, num_blocks, attn_resolutions, resample_filter, init,
+                                   block_kwargs)
+        skip_channels = [m.out_channels for name, m in self.enc.items() if "_aux_" not in name]
+        self._build_decoder(cout, skip_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                            resample_filter, init_zero, block_kwargs)
 
-        # Embedding of noise level, class labels and augmentation labels.
+    def _build_embedding(self, embedding_type: str, noise_channels: int, emb_channels: int, init: dict) -> None:
+        """Noise-level, class-label and augmentation-label embedding, then the two-layer MLP."""
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
             self.map_noise = FourierEmbedding(noise_channels)
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_label = Linear(self.label_dim, noise_channels, **init) if self.label_dim else None
+        self.map_augment = (
+            Linear(self.augment_dim, noise_channels, bias=False, **init) if self.augment_dim else None
+        )
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder. Module names follow "{res}x{res}_{role}"; roles starting with "aux" act on the image pyramid.
+    def _build_encoder(self, model_channels: int, channel_mult: Sequence[int], num_blocks: int,
+                       attn_resolutions: Sequence[int], resample_filter: Sequence[float], init: dict,
+                       block_kwargs: dict) -> int:
+        """``self.enc``; module names follow "{res}x{res}_{role}", roles starting with "aux" act on the image
+        pyramid. Returns the channel count at the bottom."""
         self.enc = nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
+        cout = self.in_channels
+        caux = self.in_channels
         for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
+            res = self.img_resolution >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, kernel=3, **init)
                 cout = model_channels
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                if encoder_type == "skip":
+                if self.encoder_type == "skip":
                     self.enc[f"{res}x{res}_aux_down"] = Conv2d(
                         caux, caux, kernel=0, down=True, resample_filter=resample_filter
                     )
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
-                elif encoder_type == "residual":
+                elif self.encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
                         caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init
                     )
@@ -151,13 +172,17 @@ class SongUNet(nn.Module):
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
                     cin, cout, attention=(res in attn_resolutions), **block_kwargs
                 )
-        skip_channels = [m.out_channels for name, m in self.enc.items() if "_aux_" not in name]
+        return cout
 
-        # Decoder.
+    def _build_decoder(self, cout: int, skip_channels: list[int], model_channels: int, channel_mult: Sequence[int],
+                       num_blocks: int, attn_resolutions: Sequence[int], resample_filter: Sequence[float],
+                       init_zero: dict, block_kwargs: dict) -> None:
+        """``self.dec``, consuming ``skip_channels`` (the encoder's outputs) from the end; blocks named
+        "_block{idx}" take one skip each."""
         self.dec = nn.ModuleDict()
         self._dec_consumes_skip: dict[str, bool] = {}
         for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
+            res = self.img_resolution >> level
             if level == len(channel_mult) - 1:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
@@ -170,13 +195,13 @@ class SongUNet(nn.Module):
                     cin, cout, attention=(idx == num_blocks and res in attn_resolutions), **block_kwargs
                 )
                 self._dec_consumes_skip[name] = True
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
+            if self.decoder_type == "skip" or level == 0:
+                if self.decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(
-                        out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter
+                        self.out_channels, self.out_channels, kernel=0, up=True, resample_filter=resample_filter
                     )
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, self.out_channels, kernel=3, **init_zero)
         assert not skip_channels
 
     def embed(
