@@ -40,12 +40,14 @@ from configs.model_sizes import canonical_model_config  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs" / "model"
 # (resolution, channels, label_dim) per config name, else per arch.
-GEOMETRY_BY_NAME = {"unet_tiny": (8, 1, 10)}
-GEOMETRY_BY_ARCH = {"songunet": (32, 3, 10), "dhariwalunet": (64, 3, 1000), "dit": (32, 4, 1000)}
+GEOMETRY_BY_NAME = {"unet_tiny": (8, 1, 10), "edm2_tiny": (8, 1, 10)}
+GEOMETRY_BY_ARCH = {"songunet": (32, 3, 10), "dhariwalunet": (64, 3, 1000), "dit": (32, 4, 1000),
+                    "edm2unet": (64, 4, 1000)}
 REDUCED = {  # as tests/test_models_train.py
     "songunet": lambda cfg: dict(model_channels=8, num_blocks=1, dropout=0.0),
     "dhariwalunet": lambda cfg: dict(model_channels=8, channels_per_head=8, num_blocks=1, dropout=0.0),
     "dit": lambda cfg: dict(depth=2, hidden_size=8 * canonical_model_config(cfg)["num_heads"]),
+    "edm2unet": lambda cfg: dict(model_channels=8, channels_per_head=8, num_blocks=1, dropout=0.0),
 }
 
 

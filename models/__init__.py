@@ -6,7 +6,8 @@ tensor shaped like ``x``. A model config holds ``name`` (the option's name), ``a
 and the architecture's keyword arguments.
 
 Architectures (``arch``): ``songunet`` (EDM's DDPM++ / NCSN++, ``models.song_unet``), ``dhariwalunet`` (EDM's ADM,
-``models.adm``), ``dit`` (Peebles & Xie's DiT, ``models.dit``). FLOP counting: ``models.flops``.
+``models.adm``), ``dit`` (Peebles & Xie's DiT, ``models.dit``), ``edm2unet`` (Karras et al. 2024's
+magnitude-preserving EDM2 UNet, arXiv 2312.02696, ``models.edm2``). FLOP counting: ``models.flops``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from torch import nn
 from configs import build_from_registry, to_plain_dict
 from models.adm import DhariwalUNet
 from models.dit import DiT
+from models.edm2 import EDM2UNet
 from models.song_unet import SongUNet
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"songunet": SongUNet, "dhariwalunet": DhariwalUNet, "dit": DiT}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "songunet": SongUNet, "dhariwalunet": DhariwalUNet, "dit": DiT, "edm2unet": EDM2UNet,
+}
 
 # Constructor arguments supplied by build_network itself (from the data), never by the model config.
 _DATA_ARGS = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim")
@@ -60,4 +64,4 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ARCHITECTURES", "DhariwalUNet", "DiT", "SongUNet", "build_network", "count_parameters"]
+__all__ = ["ARCHITECTURES", "DhariwalUNet", "DiT", "EDM2UNet", "SongUNet", "build_network", "count_parameters"]

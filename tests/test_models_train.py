@@ -29,6 +29,7 @@ REDUCED = {
     "songunet": lambda cfg: dict(model_channels=8, num_blocks=1, dropout=0.0),
     "dhariwalunet": lambda cfg: dict(model_channels=8, channels_per_head=8, num_blocks=1, dropout=0.0),
     "dit": lambda cfg: dict(depth=2, hidden_size=8 * canonical_model_config(cfg)["num_heads"]),
+    "edm2unet": lambda cfg: dict(model_channels=8, channels_per_head=8, num_blocks=1, dropout=0.0),
 }
 
 
