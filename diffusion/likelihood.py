@@ -1,7 +1,7 @@
 """Likelihood of a trained denoiser: exact-in-expectation NLL through the probability-flow ODE (8-bit data) and a
 variational bound for binarized data, both in bits per dimension.
 
-Notation as in EDM (shared/papers/infonoise.md §2.1): x = y + σ·n, D(x; σ) ≈ E[y | x], d = number of dimensions
+Notation as in EDM (Karras et al. 2022, arXiv 2206.00364, Sec. 2): x = y + σ·n, D(x; σ) ≈ E[y | x], d = dimensions
 (C·H·W), model space [-1, 1] (``data.to_model_space``: x = u/127.5 − 1 for pixel value u).
 
 **1. ODE likelihood** (Song et al. 2021, "Score-based generative modeling through SDEs", App. D; Chen et al. 2018
@@ -40,8 +40,8 @@ so  −log₂ P(u)/d ≤ E_v[−log p_x(x)]/(d·ln 2) + log₂ 127.5  =: the rep
 discrete model's NLL). With data scaled to [0, 1] by u/256 the same derivation gives the familiar "+ 8" (log₂ 256);
 model space here is [-1, 1] with scale 127.5, hence + log₂ 127.5 = 6.994. One draw of v per image (its seed).
 
-**3. Binarized data: the continuous-time variational bound** (Kingma et al. 2021, VDM, T → ∞; Kong et al. 2023,
-ITD). For y ∈ {−1, +1}^d (binarized pixels 0/255 in model space), with γ = 1/σ² the SNR,
+**3. Binarized data: the continuous-time variational bound** (Kingma et al. 2021, VDM, arXiv 2107.00630, T → ∞;
+Kong et al. 2023, ITD). For y ∈ {−1, +1}^d (binarized pixels 0/255 in model space), with γ = 1/σ² the SNR,
 
     −log P(y) ≤ L_prior + L_diff + L_rec,
     L_diff  = ½ ∫_{γ(σ_max)}^{γ(σ_min)} E_n‖y − D(y + σn; σ)‖² dγ = ∫_{ln σ_min}^{ln σ_max} E_n‖y − D‖²/σ² d ln σ,
@@ -49,7 +49,8 @@ ITD). For y ∈ {−1, +1}^d (binarized pixels 0/255 in model space), with γ = 
     L_rec   = E_n[−log P(y | x = y + σ_min·n)],  P(y_i | x_i) ∝ exp(−(x_i − y_i)²/(2σ_min²)) over y_i ∈ {±1}
             = Σ_i E softplus(−2·y_i·x_i/σ_min²).
 
-L_diff is the per-image area ∫ m̂(σ)/σ² d ln σ of shared/papers/infonoise.md §2.3: with σ_min → 0, σ_max → ∞ it is
+L_diff is the per-image area ∫ m̂(σ)/σ² d ln σ that InfoNoise's estimator approximates (Raya et al. 2026, arXiv
+2602.18647; I-MMSE: Guo, Shamai & Verdú 2005, d I/d snr = ½·mmse): with σ_min → 0, σ_max → ∞ it is
 ITD's discrete estimate, and its mean over the data is ≥ H(y), with equality for the exact denoiser (I-MMSE). So
 this is an upper bound on −log₂ P_θ(y)/d of the model's own discrete distribution (the diffusion's variational
 model: prior, reverse process, decoder), in bits/dim, directly comparable to the ODE value of 8-bit data only in

@@ -1,8 +1,8 @@
 """Loss weightings w(σ): the training loss is E_σ[ w(σ)·‖D(y + σn; σ) − y‖² ] with σ drawn from the schedule.
 
 Every weight here is expressed in **denoiser (x₀) space**, i.e. it multiplies the error of D against the clean data
-y, whatever the network's own prediction target. This is the convention of EDM (Karras et al. 2022, Eq. 2 and
-Table 1) and the one InfoNoise's divide-by-weight step needs. The SNR is 1/σ² (λ = −2 ln σ, no σ_data; see
+y, whatever the network's own prediction target. This is the convention of EDM (Karras et al. 2022, arXiv 2206.00364,
+Eq. 2 and Table 1) and the one InfoNoise's divide-by-weight step needs. The SNR is 1/σ² (λ = −2 ln σ, no σ_data; see
 ``diffusion.noise_levels``), the SNR of the equivalent VP process x_vp = α·y + s·n, α = 1/√(1+σ²), s = σ/√(1+σ²).
 
 Plain MSE on another target, written as an x₀-space weight (with D the denoiser's estimate of y):
@@ -10,7 +10,8 @@ Plain MSE on another target, written as an x₀-space weight (with D the denoise
     x₀:  w = 1
     v:   v = α·n − s·y (Salimans & Ho 2022) and v̂ = (α·x_vp − D)/s, so v̂ − v = (α²·y + α·s·n − D)/s − α·n + s·y
          = (y − D)(α² + s²)/s = −(D − y)/s     ⇒ w = 1/s² = (1 + σ²)/σ² = 1 + SNR
-(equivalently, in ε units: x₀-MSE = e^{−λ}·ε-MSE and v-MSE = (1 + e^{−λ})·ε-MSE, as in Hang et al. 2024's notes).
+(equivalently, in ε units: x₀-MSE = e^{−λ}·ε-MSE and v-MSE = (1 + e^{−λ})·ε-MSE, the three targets Hang et al. 2024
+compare).
 
 | name          | w(σ) in x₀ space                          | source                                             |
 |---------------|--------------------------------------------|----------------------------------------------------|

@@ -1,7 +1,8 @@
 """ADM: the class-conditional UNet of Dhariwal & Nichol 2021 ("Diffusion Models Beat GANs on Image Synthesis") in the
-form EDM uses for ImageNet-64 (Karras et al. 2022, ``--arch=adm``, "DhariwalUNet"), written from the architecture
-description in shared/papers/edm.md; with EDM's ImageNet-64 settings (model_channels 192, channel_mult [1,2,3,4],
-1000 classes, no augmentation labels) it has exactly EDM's 295,899,267 parameters (tests/test_adm.py).
+form EDM uses for ImageNet-64 (Karras et al. 2022, arXiv 2206.00364, ``--arch=adm``, "DhariwalUNet"; Dhariwal &
+Nichol 2021, arXiv 2105.05233), written from the architecture description; with EDM's ImageNet-64 settings
+(model_channels 192, channel_mult [1,2,3,4], 1000 classes, no augmentation labels) it has exactly the 295,899,267
+parameters of EDM's released ADM network (tests/test_adm.py).
 
 Layout (R = img_resolution, levels l = 0..L-1 at resolution R / 2^l, C_l = model_channels * channel_mult[l],
 E = model_channels * channel_mult_emb):

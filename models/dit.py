@@ -1,6 +1,6 @@
-"""DiT: the Diffusion Transformer of Peebles & Xie 2023 ("Scalable Diffusion Models with Transformers"), written from
-the paper's description, with its trainable parameter counts (DiT-S/2 32,865,056 ... DiT-XL/2 674,834,720 at
-32x32x4 latents, 1000 classes, learned sigma; tests/test_dit.py) and its forward Gflops.
+"""DiT: the Diffusion Transformer of Peebles & Xie 2023 ("Scalable Diffusion Models with Transformers", arXiv
+2212.09748), written from the paper's description, with its trainable parameter counts (DiT-S/2 32,865,056 ...
+DiT-XL/2 674,834,720 at 32x32x4 latents, 1000 classes, learned sigma; tests/test_dit.py) and its forward Gflops.
 
 Layout (input [N, C, R, R], patch size p, T = (R/p)^2 tokens, width D, ``depth`` blocks, ``num_heads`` heads):
 

@@ -1,7 +1,8 @@
 """Shared building blocks for the UNet-style denoiser networks (SongUNet now, DhariwalUNet/ADM later).
 
-Everything here follows the layer conventions described in Karras et al. 2022 (EDM, Appendix F and the reference
-facts in shared/papers/edm.md), re-derived from the math:
+Everything here follows the layer conventions of Karras et al. 2022 (EDM, "Elucidating the Design Space of
+Diffusion-Based Generative Models", arXiv 2206.00364, Appendix F, and the settings of its released networks),
+re-derived from the math:
 
 * Weight init (``weight_init``), with ``fan_in``/``fan_out`` = channels x kernel area:
     xavier_uniform  w ~ U(-a, a),   a = sqrt(6 / (fan_in + fan_out))

@@ -1,6 +1,7 @@
 """SongUNet: the DDPM++ / NCSN++ UNet of Song et al. 2021 ("Score-Based Generative Modeling through SDEs") in the
-form used by EDM (Karras et al. 2022), written from the architecture description; parameter counts match EDM's
-published ones exactly (shared/papers/edm.md section 7, checked in tests/test_song_unet.py).
+form used by EDM (Karras et al. 2022, arXiv 2206.00364, Appendix F; Song et al. 2021, arXiv 2011.13456), written
+from the architecture description; parameter counts equal those of EDM's released DDPM++ / NCSN++ networks with its
+CIFAR-10 settings exactly (e.g. 55,735,299 for the conditional DDPM++; checked in tests/test_song_unet.py).
 
 Layout (R = img_resolution, levels l = 0..L-1 at resolution R / 2^l, C_l = model_channels * channel_mult[l]):
 

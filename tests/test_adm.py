@@ -1,9 +1,9 @@
 """Tests for models/adm.py (EDM's ADM / DhariwalUNet).
 
-References: EDM's published parameter count (shared/papers/edm.md section 7: 295,899,267 for EDMPrecond + DhariwalUNet
-at ImageNet-64 with 1000 classes), the ADM layout (attention at 32/16/8 with 64 channels per head), PyTorch's own
-default-init bound for the kaiming_uniform x sqrt(1/3) law, an explicit re-computation of the embedding formula, and
-behavioural checks (zero output at init, conditioning, null label, dropout).
+References: the parameter count of EDM's released ADM (Karras et al. 2022, arXiv 2206.00364: 295,899,267 for
+EDMPrecond + DhariwalUNet at ImageNet-64 with 1000 classes), the ADM layout (attention at 32/16/8 with 64 channels
+per head), PyTorch's own default-init bound for the kaiming_uniform x sqrt(1/3) law, an explicit re-computation of
+the embedding formula, and behavioural checks (zero output at init, conditioning, null label, dropout).
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ def raw_digits():
 # ---------------------------------------------------------------------------------------------------------------------
 def test_registry_and_unknown_source():
     assert set(SOURCES) == {"digits", "cifar10", "folder", "prepared"}
-    with pytest.raises(ValueError, match=r"unknown data.source 'mnist'; valid choices: cifar10, digits, folder, prepared"):
+    with pytest.raises(ValueError,
+                       match=r"unknown data.source 'mnist'; valid choices: cifar10, digits, folder, prepared"):
         build_dataset({"name": "x", "source": "mnist"})
     with pytest.raises(ValueError, match=r"unknown split 'val'.*train, test"):
         build_dataset(digits_cfg(), split="val")

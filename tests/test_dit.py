@@ -1,9 +1,9 @@
 """Tests for models/dit.py (DiT) and models/flops.py (FLOP counting).
 
-References: DiT's published parameter counts (shared/papers/edm.md section 7) and forward Gflops (Peebles & Xie 2023,
-Table 4: S/2 6.06, B/2 23.01, L/2 80.71, XL/2 118.64), a closed-form multiply-add count of the transformer written
-out here, torch's F.unfold for the patch layout, an explicit einsum attention, the sin-cos formulas evaluated with
-``math``, and behavioural checks (adaLN-Zero identity, null class, conditioning).
+References: the parameter counts of DiT's released models (Peebles & Xie 2023, arXiv 2212.09748) and forward Gflops
+(Peebles & Xie 2023, Table 4: S/2 6.06, B/2 23.01, L/2 80.71, XL/2 118.64), a closed-form multiply-add count of the
+transformer written out here, torch's F.unfold for the patch layout, an explicit einsum attention, the sin-cos
+formulas evaluated with ``math``, and behavioural checks (adaLN-Zero identity, null class, conditioning).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of InfoNoise and the tabulated log-σ density, against the closed forms of shared/papers/infonoise.md §2.9.
+"""Tests of InfoNoise and the tabulated log-σ density, against closed forms worked out independently of the code.
 
 References used (all independent of the code under test):
 - piecewise-constant density: CDF/inverse worked out by hand, and ``numpy.interp`` on the table for KS tests;
@@ -249,7 +249,7 @@ def test_auto_gate_onset_rule(gaussian_run):
     sig1 = float(sch.centers[0])
     rate = lambda x: s**2 / (x * (s**2 + x**2))  # noqa: E731
     c = optimize.brentq(lambda x: rate(x) / rate(sig1) - p, 0.01, 10.0)
-    assert c == pytest.approx(0.5, rel=0.05)  # the notes' value
+    assert c == pytest.approx(0.5, rel=0.05)  # the pivot worked out by hand for s = 0.5, σ_min = 0.002
     assert stats_["gate_c"] == pytest.approx(c, rel=0.05)
 
 

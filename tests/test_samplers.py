@@ -440,8 +440,8 @@ def test_infogrid_from_an_infonoise_checkpoint(tmp_path):
         expected = quantile_grid(schedule.step_density(variant, **kwargs), 12, 0.002, 80.0)
         torch.testing.assert_close(grid, expected, rtol=1e-12, atol=0)
     # For d-dim N(0, s²) data the ungated rate per ln σ is d·s²/(s² + σ²) = −dI/d ln σ with I(σ) = (d/2)·ln(1 + s²/σ²)
-    # (infonoise.md §2.9), so its equal-mass grid is uniform in I: σ_i = s/√(exp(2·I_i/d) − 1). The 64-bin tabulation
-    # and the bin smoothing leave ~0.15% (measured); allow 1%.
+    # (I-MMSE, Guo, Shamai & Verdú 2005), so its equal-mass grid is uniform in I: σ_i = s/√(exp(2·I_i/d) − 1).
+    # The 64-bin tabulation and the bin smoothing leave ~0.15% (measured); allow 1%.
     rate_grid = build_sigma_grid({**cfg, "steps_from": "infonoise:rate"},
                                  profile_schedule=load_profile_schedule(ckpt, "infonoise:rate"))
     info = 0.5 * np.log1p(S**2 / np.array([80.0, 0.002]) ** 2)  # I/d at σ_max, σ_min

@@ -1,8 +1,9 @@
 """Tests for models/ (SongUNet, shared layers, registry).
 
-References: EDM's published parameter counts (shared/papers/edm.md section 7), closed-form layer math re-computed
-here with different primitives (average pooling, nearest upsampling, numpy correlation, explicit softmax attention,
-torch.nn.GroupNorm), and behavioural checks (conditioning, label dropout, overfitting a batch).
+References: the parameter counts of EDM's released networks (Karras et al. 2022, arXiv 2206.00364), closed-form
+layer math re-computed here with different primitives (average pooling, nearest upsampling, numpy correlation,
+explicit softmax attention, torch.nn.GroupNorm), and behavioural checks (conditioning, label dropout, overfitting a
+batch).
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ def test_build_network_errors_and_plain_dicts():
     assert ARCHITECTURES["songunet"] is SongUNet
     with pytest.raises(ValueError, match="unknown model.arch 'unetx'; valid choices: .*songunet"):
         build_network({"name": "foo", "arch": "unetx"}, 8, 1)
-    with pytest.raises(ValueError, match="model=unet_tiny: unknown parameter.*channels; valid parameters: .*model_channels"):
+    with pytest.raises(ValueError, match="model=unet_tiny: unknown parameter.*channels; valid parameters: .*model_ch"):
         build_network(load_cfg("unet_tiny", channels=64), 8, 1)
     with pytest.raises(ValueError, match="'in_channels'.*data config"):
         build_network(load_cfg("unet_tiny", in_channels=3), 8, 1)

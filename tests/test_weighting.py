@@ -55,7 +55,7 @@ def test_plain_target_mse_weights_match_the_targets():
     v_err = _sq((alpha * eps_hat - sv * d) - (alpha * n - sv * y))
     torch.testing.assert_close(build_weighting({"name": "v_mse"})(SIGMAS) * x0_err, v_err, rtol=1e-10, atol=0)
     torch.testing.assert_close(build_weighting({"name": "x0_mse"})(SIGMAS) * x0_err, x0_err, rtol=0, atol=0)
-    # In ε units (Hang et al. 2024 notes): x₀-MSE = e^{−λ}·ε-MSE, v-MSE = (1 + e^{−λ})·ε-MSE, λ = −2 ln σ.
+    # In ε units (VP identities): x₀-MSE = e^{−λ}·ε-MSE, v-MSE = (1 + e^{−λ})·ε-MSE, λ = −2 ln σ.
     e_minus_lam = SIGMAS**2
     torch.testing.assert_close(x0_err, e_minus_lam * eps_err, rtol=1e-10, atol=0)
     torch.testing.assert_close(v_err, (1 + e_minus_lam) * eps_err, rtol=1e-10, atol=0)

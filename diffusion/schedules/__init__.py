@@ -17,6 +17,9 @@ are the constructor's keyword arguments.
 | vp               | EDM's VP: t ~ U[ε_t, 1], linear-β σ(t)             | vp_ve.py         |
 | ve               | EDM's VE: ln σ ~ U[ln 0.02, ln 100]                | vp_ve.py         |
 | discrete_ddpm    | DDPM's 1000 linear-β levels, uniform               | discrete.py      |
+| infonoise        | learned online from the loss (Raya et al. 2026)    | infonoise.py     |
+
+Every schedule but InfoNoise is in ``fixed.py``'s ``FIXED_SCHEDULES``, the schedules InfoNoise may warm up from.
 """
 
 from __future__ import annotations

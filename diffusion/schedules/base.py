@@ -1,8 +1,8 @@
 """The noise-schedule interface: a training noise schedule *is* a probability distribution over u = ln σ.
 
-Hang et al. (2024) show that a schedule λ(t) with t ~ U[0, 1] is equivalent to the density p(λ) = −dt/dλ it induces,
-and that any density defines a schedule through t = 1 − CDF(λ). sigmalab therefore describes every schedule by its
-distribution over u = ln σ (λ = −2u, see ``diffusion.noise_levels``):
+Hang et al. (2024, arXiv 2407.03297) show that a schedule λ(t) with t ~ U[0, 1] is equivalent to the density
+p(λ) = −dt/dλ it induces, and that any density defines a schedule through t = 1 − CDF(λ). sigmalab therefore
+describes every schedule by its distribution over u = ln σ (λ = −2u, see ``diffusion.noise_levels``):
 
 - ``log_density(u)``  log p(u), a density **per unit ln σ** (per unit λ it is p(u)/2; per unit σ it is p(u)/σ);
 - ``cdf(u)``          P(ln σ ≤ u), which is also the schedule time t of Hang et al.;

@@ -1,19 +1,19 @@
 """The cosine schedule family, as densities over logSNR.
 
-``cosine`` — the continuous cosine schedule of Nichol & Dhariwal (2021) without its offset, ᾱ(t) = cos²(πt/2), so
-SNR = cot²(πt/2) and (Hang et al. 2024, Table 1 convention, t = 0 clean):
+``cosine`` — the continuous cosine schedule of Nichol & Dhariwal (2021, arXiv 2102.09672) without its offset,
+ᾱ(t) = cos²(πt/2), so SNR = cot²(πt/2) and (Hang et al. 2024, Table 1 convention, t = 0 clean):
     λ(t) = −2·ln tan(πt/2),   p(λ) = sech(λ/2)/(2π),   t = CDF_u = (2/π)·atan(e^u) = (2/π)·atan(σ)
     in ln σ:  p(u) = sech(u)/π,  F(u) = (2/π)·atan(e^u),  F⁻¹(q) = ln tan(πq/2)
 (σ is half-Cauchy distributed). Mass in |λ| < 1: (2/π)(atan(e^½) − atan(e^−½)) ≈ 0.3058.
 
-``cosine_shifted`` — simple diffusion (Hoogeboom et al. 2023, Sec. 3.1): the cosine logSNR shifted by
+``cosine_shifted`` — simple diffusion (Hoogeboom et al. 2023, arXiv 2301.11093, Sec. 3.1): the cosine logSNR shifted by
 s = 2·ln(base_resolution/resolution) with base_resolution 64, so that a higher resolution trains at lower SNR:
     λ(t) = −2·ln tan(πt/2) + s,   p(λ) = sech((λ − s)/2)/(2π),   in ln σ: u = u_cos − s/2.
 The shift comes from the run's ``img_resolution`` (train.py passes it) unless ``shift`` is given explicitly.
 
-``cosine_scaled`` — Hang et al. (2024) list a "Cosine Scaled" schedule (the cosine density narrowed around λ = 0) and
-report its FID, but the exact form and factor are not in our notes on the paper (shared/papers/hang2024.md, §2 [NF]).
-We implement the natural reading, a scaling of logSNR by a factor k:
+``cosine_scaled`` — Hang et al. (2024, arXiv 2407.03297, Table 2) list a "Cosine Scaled" schedule (the cosine
+density narrowed around λ = 0) and report its FID, but we could not find its exact form and factor in the parts of
+the paper available to us. We implement the natural reading, a scaling of logSNR by a factor k:
     λ(t) = −2k·ln tan(πt/2),   p(λ) = sech(λ/(2k))/(2πk),   in ln σ: u = k·u_cos, p(u) = sech(u/k)/(πk).
 k < 1 concentrates the mass at λ = 0 (the paper's finding is that peaking at λ = 0 helps); the default k = 0.5 is
 our choice, not a published value (mass in |λ| < 1 ≈ 0.551 against 0.306 for cosine and 0.865 for Laplace b = 0.5).

@@ -1,4 +1,4 @@
-"""EDM's log-normal training distribution (Karras et al. 2022, Sec. 5): ln σ ~ N(p_mean, p_std²).
+"""EDM's log-normal training distribution (Karras et al. 2022, arXiv 2206.00364, Sec. 5): ln σ ~ N(p_mean, p_std²).
 
 EDM uses p_mean = −1.2, p_std = 1.2 (CIFAR-10, ImageNet-64); EDM2 uses p_mean = −0.4, p_std = 1.0 (ImageNet-512,
 preset ``schedule=lognormal_edm2``).

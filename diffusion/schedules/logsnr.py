@@ -1,4 +1,5 @@
-"""Schedules defined directly as densities over logSNR λ (Hang et al. 2024, Sec. 3; Kingma & Gao 2023).
+"""Schedules defined directly as densities over logSNR λ (Hang et al. 2024, arXiv 2407.03297, Sec. 3; Kingma & Gao
+2023).
 
 Each is a location–scale family in λ, hence in u = ln σ = −λ/2 with location −μ/2 and scale b/2
 (``location_scale``). Time convention of Hang et al.: t = 1 − CDF_λ(λ) = CDF_u(u), t = 0 clean.
@@ -9,7 +10,7 @@ Each is a location–scale family in λ, hence in u = ln σ = −λ/2 with locat
              F(u) = ½·exp((u + μ/2)/(b/2)) below the median, 1 − ½·exp(−(u + μ/2)/(b/2)) above.
     Mass in |λ| < a (μ = 0): 1 − exp(−a/b), e.g. 1 − e⁻² ≈ 0.8647 for a = 1, b = 0.5.
 
-``cauchy`` (Hang et al. 2024, proposed variant; their γ is not in our notes — we default to μ = 0, γ = 1):
+``cauchy`` (Hang et al. 2024, proposed variant; we could not find their μ, γ — we default to μ = 0, γ = 1):
     p(λ) = γ/(π((λ − μ)² + γ²)),   λ(t) = μ + γ·tan(π(½ − t))
     in ln σ: u ~ Cauchy(−μ/2, γ/2):  p(u) = (γ/2)/(π((u + μ/2)² + γ²/4)),  F(u) = ½ + atan((u + μ/2)/(γ/2))/π.
 

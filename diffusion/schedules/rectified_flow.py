@@ -9,8 +9,8 @@ u = ln σ = logit(τ) and λ = 2·ln((1 − τ)/τ) = −2·logit(τ). Both sche
     ln σ ~ Logistic(ln shift, 1):  p(u) = e^(−|u−m|)/(1 + e^(−|u−m|))²,  F(u) = sigmoid(u − m),  F⁻¹(q) = m + logit(q)
     in logSNR (shift = 1): p(λ) = sech²(λ/4)/8,  λ(t) = 2·ln((1 − t)/t).
 
-``logit_normal`` — SD3's timestep density (Esser et al. 2024, Sec. 3.1): τ = sigmoid(m + s·z), z ~ N(0, 1),
-defaults m = 0, s = 1. Then u = logit(τ) + ln shift ~ N(m + ln shift, s²), i.e. a log-normal in σ:
+``logit_normal`` — SD3's timestep density (Esser et al. 2024, arXiv 2403.03206, Sec. 3.1): τ = sigmoid(m + s·z),
+z ~ N(0, 1), defaults m = 0, s = 1. Then u = logit(τ) + ln shift ~ N(m + ln shift, s²), i.e. a log-normal in σ:
     p(u) = N(u; m + ln shift, s²),   λ(t) = 2·ln((1 − τ)/τ) with τ = sigmoid(m + s·Φ⁻¹(t)),
     in logSNR: λ ~ N(−2(m + ln shift), (2s)²).
 """
