@@ -1,12 +1,12 @@
-"""Datasets and sampling for sigmalab: ``build_dataset(cfg.data, split)`` picks a source from the ``SOURCES`` registry.
+"""Datasets and the data order: ``build_dataset(cfg.data, split)`` picks a source from the ``SOURCES`` registry.
 
 Sources (``data.source``): ``digits`` (scikit-learn 8x8 digits, optionally binarized / upsampled; no download),
 ``cifar10`` (the official python archive, or a directory prepared from it), ``folder`` (a directory tree of images or
 an EDM-style zip), ``prepared`` (a directory written by ``python -m data.prepare``: memory-mapped pixels such as
 ImageNet-64, or SD-VAE latents such as ImageNet-256/512). Pixel datasets yield ``(uint8 [C, H, W], label)`` items,
-latent datasets ``(float32 [C, h, w], label)`` already in model space (``dataset.latent`` is True);
-``to_model_space`` / ``to_uint8`` convert pixels to and from [-1, 1]. ``InfiniteSampler`` is the resumable
-DDP-sharded index stream used by the training loop; ``build_augment_pipe`` (``data.augment``) EDM's geometric
+latent datasets ``(float32 [C, h, w], label)`` already in model space (``dataset.latent`` is True); ``to_model_space``
+/ ``to_uint8`` convert pixels to and from [-1, 1]. ``InfiniteSampler`` (``data.order``) is the data order: the
+resumable, DDP-sharded index stream of the training loop; ``build_augment_pipe`` (``data.augment``) EDM's geometric
 augmentation; ``LatentCodec`` decodes generated latents to images.
 """
 

@@ -1,15 +1,16 @@
-"""An infinite, DDP-sharded, resumable index sampler whose state is a single number: the global image position.
+"""The data order: ``InfiniteSampler``, an infinite, DDP-sharded, resumable stream of dataset indices (a torch
+``Sampler`` for the ``DataLoader``) whose state is a single number: the global image position.
 
 The global stream of indices is epoch after epoch of a permutation of 0..n-1:
 
     stream[p] = perm_e[p mod n],  e = p div n,  perm_e = torch.randperm(n, generator=seeded(seed, e))
 
 (``perm_e = arange(n)`` without shuffling), where ``seeded(seed, e)`` is a torch generator seeded from
-``numpy.random.SeedSequence([seed, e])``. With b = batch_size_per_rank and B = b * world_size, global batch s
-covers stream positions [s B, (s + 1) B) and rank r takes the slice [s B + r b, s B + (r + 1) b). A sampler built
-with ``start = cur_nimg`` (a multiple of B) yields exactly what an uninterrupted sampler would yield from that
-point on, so a resumed run needs no sampler state. Memory is one permutation (the current epoch's); each epoch costs
-one ``randperm``.
+``numpy.random.SeedSequence([seed, e])``. With b = batch_size_per_rank and B = b * world_size, global batch s covers
+stream positions [s B, (s + 1) B) and rank r takes the slice [s B + r b, s B + (r + 1) b). An ``InfiniteSampler``
+built with ``start = cur_nimg`` (a multiple of B) yields exactly what an uninterrupted one would yield from that point
+on, so a resumed run needs no data-order state. Memory is one permutation (the current epoch's); each epoch costs one
+``randperm``.
 """
 
 from __future__ import annotations

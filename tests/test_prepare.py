@@ -88,7 +88,7 @@ def test_cifar10_prepare_round_trip_pixel_exact(cifar_archive, tmp_path):
     with pytest.raises(ValueError, match=r"test split needs data.test_path"):
         build_dataset(_cfg("cifar10", path=str(dest)), "test")
 
-    # through the training loop's DataLoader + sampler, with x-flip, after pickling to a worker
+    # through the training loop's DataLoader + data order (InfiniteSampler), with x-flip, after pickling to a worker
     flip = pickle.loads(pickle.dumps(build_dataset(_cfg("cifar10", path=str(dest), xflip=True, cond=True))))
     loader = torch.utils.data.DataLoader(flip, sampler=InfiniteSampler(600, seed=0, batch_size_per_rank=50),
                                          batch_size=50)
