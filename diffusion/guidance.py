@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from configs import to_plain_dict
+
 Denoiser = Callable[..., Tensor]
 
 
@@ -112,8 +114,6 @@ class GuidedDenoiser:
 
 def guidance_settings(sampler_cfg: Any) -> tuple[float, tuple[float, float] | None, str | None]:
     """(w, interval, guide_ckpt) of a sampler config; absent keys mean no guidance."""
-    from configs import to_plain_dict
-
     cfg = to_plain_dict(sampler_cfg)
     w = cfg.get("guidance")
     w = 1.0 if w is None else w

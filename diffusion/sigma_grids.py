@@ -38,7 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
+
+from configs import to_plain_dict
+from diffusion.schedules import build_schedule
 
 SCHEDULE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "schedule"
 GRID_NAMES = ("rho", "loglinear", "infonoise")
@@ -152,10 +156,6 @@ def load_schedule_option(option: str | Mapping[str, Any], **context: Any) -> Any
 
     ``context`` (e.g. ``img_resolution``, ``sigma_data``) goes to the constructors that take it, as in training.
     """
-    from omegaconf import OmegaConf
-
-    from diffusion.schedules import build_schedule
-
     if isinstance(option, Mapping) or hasattr(option, "keys"):
         cfg = option
     else:
@@ -182,8 +182,6 @@ def build_sigma_grid(sampler_cfg: Any, dtype: torch.dtype = torch.float64, devic
     ``profile_schedule`` is the tabulated profile of a trained InfoNoise run, needed by ``steps_from=infonoise``;
     ``schedule_context`` is passed to schedule constructors for ``steps_from=<schedule option>``.
     """
-    from configs import to_plain_dict
-
     cfg = to_plain_dict(sampler_cfg)
     if cfg.get("num_steps") is None:
         raise ValueError("sampler.num_steps is required")
