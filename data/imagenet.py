@@ -5,10 +5,11 @@ unpacked into its own folder; the Kaggle copy has it at ``ILSVRC/Data/CLS-LOC/tr
 WordNet id in sorted order (n01440764 -> 0, ..., n15075141 -> 999), the convention of torchvision's ``ImageFolder``,
 ADM, EDM and DiT; images are ordered class-major, then by file name. 1 281 167 training images.
 
-Standard variants (all with ADM's ``center_crop_arr``, see ``data.transforms``):
-- ImageNet-64 (EDM / ADM): 64x64 uint8 pixels, class-conditional.
-- ImageNet-256 / 512 (DiT, EDM2, Hang et al. 2024): 256x256 / 512x512 crops, usually encoded to SD-VAE latents
-  (32x32x4 / 64x64x4, ``data.latents``).
+Standard variants (``data.transforms``):
+- ImageNet-64 (EDM): 64x64 uint8 pixels, class-conditional, EDM's ``center-crop`` (largest central square, LANCZOS;
+  the default of ``python -m data.prepare imagenet``). ADM's own ImageNet-64 used ``center_crop_arr`` (``adm``).
+- ImageNet-256 / 512 (DiT, EDM2, Hang et al. 2024): 256x256 / 512x512 crops by ADM's ``center_crop_arr`` (``adm``),
+  usually encoded to SD-VAE latents (32x32x4 / 64x64x4, ``data.latents``).
 """
 
 from __future__ import annotations

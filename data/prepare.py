@@ -4,6 +4,7 @@ Sources (sub-commands)::
 
     python -m data.prepare cifar10  --source cifar-10-python.tar.gz --dest datasets/cifar10-32x32 [--split test]
     python -m data.prepare imagenet --source ILSVRC2012/train --dest datasets/imagenet-64x64 --resolution 64
+                                    [--transform center-crop|adm|none]
     python -m data.prepare folder   --source DIR_OR_ZIP --dest OUT --resolution R [--transform adm|center-crop|none]
                                     [--labels auto|json|dirs|none] [--channels 1|3]
     python -m data.prepare latents  --source ILSVRC2012/train --labels dirs --dest datasets/imagenet-256-sdvae
@@ -15,8 +16,11 @@ Outputs (``--format``): ``array`` (default) — a prepared directory of memory-m
 ``data.source=folder``), for pixel sources only. Latents are always arrays: raw VAE latents ``[n, V, 4, r/8, r/8]``
 with per-channel mean/std in the metadata and, with ``--flip``, the latent of each mirrored image as variant 1.
 
-Preprocessing (``--transform``, ``data.transforms``): ``adm`` (ADM's ``center_crop_arr``: box-halving, bicubic,
-central crop; the ImageNet default at every resolution), ``center-crop`` (EDM's), ``none`` (sizes must match).
+Preprocessing (``--transform``, ``data.transforms``): ``center-crop`` (EDM's: the largest central square, one
+LANCZOS resize; the default of ``imagenet``, as EDM prepared ImageNet-64 and its published reference statistics),
+``adm`` (ADM's ``center_crop_arr``: box-halving, bicubic, central crop; the default of ``folder`` and ``latents``, as
+DiT / EDM2 / Hang et al. prepare ImageNet-256/512), ``none`` (sizes must match). The transform is recorded in
+``meta.json`` (``source.transform``) and in reference statistics made from the data (``evaluate.py ref=true``).
 
 Behaviour: a tqdm progress bar; images are decoded in ``--workers`` processes; array outputs are written shard by shard
 atomically, so re-running the same command after an interruption resumes (finished shards are skipped) and a crash
@@ -396,7 +400,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def images(p: argparse.ArgumentParser, transform: str, res: int | None) -> None:
         p.add_argument("--resolution", type=int, default=res, required=res is None)
-        p.add_argument("--transform", choices=list(TRANSFORMS), default=transform)
+        p.add_argument("--transform", choices=list(TRANSFORMS), default=transform,
+                       help="center-crop: EDM's (largest central square, LANCZOS); adm: ADM's center_crop_arr "
+                            "(box halving, bicubic); none: images already r x r (default: %(default)s)")
         p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes (0: in-process)")
         p.add_argument("--max-images", type=int, default=None, help="only the first N images (smoke tests)")
 
@@ -405,9 +411,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "test"), default="train")
     common(p)
 
-    p = sub.add_parser("imagenet", help="ILSVRC train/<wnid>/*.JPEG -> r x r (ADM preprocessing), class-labelled")
+    p = sub.add_parser("imagenet", help="ILSVRC train/<wnid>/*.JPEG -> r x r (EDM's center crop), class-labelled")
     p.add_argument("--source", required=True, help="the ILSVRC-2012 train folder (one sub-folder per synset)")
-    images(p, "adm", 64)
+    images(p, "center-crop", 64)
     common(p)
 
     p = sub.add_parser("folder", help="any image folder or zip -> r x r")

@@ -3,14 +3,22 @@
 Transforms (``TRANSFORMS``, chosen by ``python -m data.prepare ... --transform``), all on a PIL image converted to
 RGB (or L) first, returning uint8 ``[H, W, C]``:
 
-- ``adm`` — the preprocessing of ADM (Dhariwal & Nichol 2021, ``center_crop_arr``) used for ImageNet-64 by EDM and
-  for ImageNet-256/512 by DiT / EDM2 ("center-crop-dhariwal"):
+- ``adm`` — the preprocessing of ADM (Dhariwal & Nichol 2021, arXiv 2105.05233, ``center_crop_arr``), used by ADM
+  itself and for ImageNet-256/512 by DiT and EDM2 (EDM2's ``dataset_tool.py --transform=center-crop-dhariwal``); the
+  default of ``python -m data.prepare latents`` and ``folder``:
       while min(w, h) >= 2 r:   (w, h) <- (w // 2, h // 2) with a BOX filter   (cheap, alias-free halving)
       s = r / min(w, h);        (w, h) <- (round(w s), round(h s)) with BICUBIC  (short side becomes r)
       crop the central r x r:   top = (h - r) // 2, left = (w - r) // 2
-- ``center-crop`` — EDM ``dataset_tool.py --transform=center-crop``: the largest central square
-  (rows [(h - c) // 2, (h + c) // 2), c = min(w, h)), then one LANCZOS resize to r x r.
+- ``center-crop`` — EDM's ImageNet-64 (Karras et al. 2022, arXiv 2206.00364; its ``dataset_tool.py
+  --transform=center-crop``, which also made EDM's published ``imagenet-64x64.npz`` reference statistics): the
+  largest central square (rows [(h - c) // 2, (h + c) // 2), c = min(w, h)), then one LANCZOS resize to r x r. The
+  default of ``python -m data.prepare imagenet`` (configs/data/imagenet64.yaml). ADM's crop gives other pixels (box
+  halving + bicubic against one LANCZOS filter), so an FID against EDM's reference statistics of data prepared with
+  ``adm`` is biased.
 - ``none`` — the image must already be r x r (an error names the file otherwise).
+
+``data_transform(data_cfg)`` reads which transform made a prepared dataset (its ``meta.json``); reference statistics
+record it (``evaluation/reference_stats.py``) and an evaluation against statistics of another transform is refused.
 
 ``decode_image`` opens a file's bytes with PIL, forces a full decode (so truncated files fail here rather than
 later) and raises ``ValueError("cannot read image '<name>' ...: <PIL's reason>")``.
@@ -20,10 +28,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["TRANSFORMS", "decode_image", "center_crop_adm", "center_crop_edm", "exact_size", "prepare_image"]
+__all__ = ["TRANSFORMS", "decode_image", "center_crop_adm", "center_crop_edm", "exact_size", "prepare_image",
+           "data_transform"]
 
 
 def decode_image(blob: bytes, name: str, mode: str = "RGB", where: str = ""):
@@ -94,3 +105,23 @@ def prepare_image(blob: bytes, name: str, transform: str, resolution: int, chann
         suffix = f" in '{where}'" if where else ""
         raise ValueError(f"image '{name}'{suffix} {e} (--transform {transform})") from e
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def data_transform(data_cfg: Any, split: str = "train") -> str | None:
+    """The ``--transform`` that made the images of a data config's split: ``data.transform`` when the config names
+    one, else the one recorded in a prepared dataset's ``meta.json`` (``source.transform``; a prepared CIFAR-10 is
+    ``none``); None when it is not known (the digits, an archive, an image folder or zip not made here)."""
+    from .dataset import cfg_to_dict
+    from .shards import META_FILE, read_meta
+
+    cfg = cfg_to_dict(data_cfg) if data_cfg is not None else {}
+    if cfg.get("transform"):
+        return str(cfg["transform"])
+    path = cfg.get("path") if split == "train" else cfg.get("test_path")
+    if not path or not (Path(str(path)).expanduser() / META_FILE).is_file():
+        return None
+    source = read_meta(Path(str(path)).expanduser()).get("source") or {}
+    if source.get("type") == "cifar10":
+        return "none"
+    transform = source.get("transform")
+    return str(transform) if transform else None

@@ -154,7 +154,7 @@ def test_latents_from_prepared_pixels_match_folder(image_dir, vae_dir, tmp_path)
     root, _ = image_dir
     pixels = tmp_path / "pixels"
     assert main(["imagenet", "--source", str(root), "--dest", str(pixels), "--resolution", "32",
-                 "--workers", "0"]) == 0
+                 "--transform", "adm", "--workers", "0"]) == 0
     a, b = tmp_path / "from-folder", tmp_path / "from-pixels"
     assert main(_args(root, a, vae_dir, "--encoding", "mean")) == 0
     assert main(_args(pixels, b, vae_dir, "--encoding", "mean")) == 0

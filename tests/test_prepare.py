@@ -173,7 +173,7 @@ def test_adm_box_halving_is_the_2x2_mean():
 def test_imagenet_folder_to_64_matches_adm_reference(imagenet_dir, tmp_path, workers):
     root, files = imagenet_dir
     dest = tmp_path / "imagenet-64x64"
-    assert main(["imagenet", "--source", str(root), "--dest", str(dest), "--resolution", "64",
+    assert main(["imagenet", "--source", str(root), "--dest", str(dest), "--resolution", "64", "--transform", "adm",
                  "--workers", str(workers), "--shard-size", "5"]) == 0
     ds = build_dataset(_cfg("imagenet64", path=str(dest)))
     assert len(ds) == 12 and ds.resolution == 64 and ds.label_dim == 3 and ds.num_classes == 3
@@ -220,7 +220,7 @@ def test_corrupt_image_error_nothing_half_written_and_resume(imagenet_dir, tmp_p
     (bad_root / victim).write_bytes(blob[: len(blob) // 3])  # truncated JPEG
     dest = tmp_path / "out"
     args = ["imagenet", "--source", str(bad_root), "--dest", str(dest), "--resolution", "16", "--shard-size", "4",
-            "--workers", "0"]
+            "--transform", "adm", "--workers", "0"]
     with pytest.raises(ValueError, match=rf"cannot read image '{victim}' in '.*train': OSError: (?i:.*truncated)"):
         prepare_images(imagenet_source(bad_root), dest, resolution=16,
                        shard_size=4, source_type="imagenet", command="python -m data.prepare " + " ".join(args))
