@@ -8,7 +8,8 @@
 
 The training loop, the run directory's contents and the resume guarantees are ``training.trainer``'s; this entry point
 parses the command line (Hydra), sets up the processes and wires in what lives above ``training``: evaluation during
-training (``eval.every_kimg``) and the InfoNoise profile figure at the end of an InfoNoise run.
+training (``eval.every_kimg``: the periodic protocol and its start-up preflight, so that an evaluation that cannot run
+stops the run before its first step) and the InfoNoise profile figure at the end of an InfoNoise run.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from training.trainer import train
 
 
 def hooks(cfg: DictConfig) -> dict[str, Any]:
-    """What the Trainer gets from the layer above it: evaluation's periodic protocol when ``eval.every_kimg`` is set
-    (imported only then: it loads the feature extractors' libraries) and the InfoNoise profile figure."""
+    """What the Trainer gets from the layer above it: evaluation's periodic protocol and its preflight when
+    ``eval.every_kimg`` is set (imported only then: they load the feature extractors' libraries) and the InfoNoise
+    profile figure."""
     wired: dict[str, Any] = {"plot_profile": plot_infonoise_profile}
     if cfg.eval.get("every_kimg"):
-        from evaluation.protocol import evaluate_during_training
+        from evaluation.protocol import evaluate_during_training, preflight_during_training
 
         wired["evaluate_fn"] = evaluate_during_training
+        wired["preflight"] = preflight_during_training
     return wired
 
 

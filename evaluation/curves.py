@@ -231,7 +231,7 @@ def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
     settings["baselines"] = False
     check_metrics(settings["metrics"])
     interpolation = check_interpolation(str(settings["target_interpolation"]))
-    device = dist_info.device if dist_info is not None else eval_device(None)
+    device = dist_info.device if dist_info is not None else eval_device(str(cfg.get("device", "auto")))
     main = dist_info is None or dist_info.rank == 0
     root = Path(os.path.expanduser(str(cfg.run_dir)))
     ema = bool(cfg.get("ema", True))

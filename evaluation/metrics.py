@@ -34,7 +34,11 @@ from evaluation.features import (
     inception_download_guard,
 )
 from evaluation.frechet import feature_statistics, frechet_distance
-from evaluation.reference_stats import compute_reference_statistics, load_reference_statistics
+from evaluation.reference_stats import (
+    check_reference_statistics,
+    compute_reference_statistics,
+    load_reference_statistics,
+)
 from evaluation.settings import EXTRACTOR_TAGS, INCEPTION_EXTRACTOR, check_sample_metrics, eval_settings, safe_name
 
 __all__ = ["compute_metrics", "load_samples", "to_nchw"]
@@ -65,6 +69,7 @@ def compute_metrics(
     classifier_path: str | None = None,
     device: str | torch.device | None = None,
     reference_stats: Mapping[str, Any] | str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``generated`` (uint8 [N, C, H, W]) against ``reference`` (ImageDataset or uint8 tensor).
 
@@ -83,6 +88,7 @@ def compute_metrics(
         reference_stats: published reference statistics (a path, or ``{"mu", "sigma"}``; default
             ``eval.reference_stats``): FID against them instead of ``reference`` (which may then be None); IS needs
             no reference; KID and precision/recall are refused (they need reference features).
+        progress: progress bars (images/s, ETA; on a terminal) over the feature extraction of each image set.
 
     Returns:
         ``{"fid_<tag>": ..., "isc_<tag>_mean": ..., ...}`` with tag ``digits_classifier`` or ``inception``.
@@ -103,14 +109,15 @@ def compute_metrics(
         stats = reference_stats if isinstance(reference_stats, Mapping) else load_reference_statistics(reference_stats)
         stats = _usable_reference_stats(stats, extractor, extractor_id, settings, data_cfg, classifier_path, device)
         out[f"fid_{tag}"] = _fid_against_statistics(generated, stats, extractor, settings, data_cfg, classifier_path,
-                                                    device)
+                                                    device, progress)
         metrics = [m for m in metrics if m != "fid"]
         with_reference = []
         if not metrics:
             return out
-    kwargs = _fidelity_arguments(generated, metrics, extractor, weights_path, settings, device)
+    kwargs = _fidelity_arguments(generated, metrics, extractor, weights_path, settings, device, progress)
     if with_reference:
-        kwargs["input2"] = UInt8Images(reference, extractor == INCEPTION_EXTRACTOR)
+        kwargs["input2"] = UInt8Images(reference, extractor == INCEPTION_EXTRACTOR,
+                                       "features (reference)" if progress else None)
         if reference_cache_name is not None:
             kwargs["input2_cache_name"] = safe_name(f"{reference_cache_name}-{extractor_id}-n{n_ref}")
     if "kid" in metrics:
@@ -152,10 +159,11 @@ def _check_image_sets(generated: Any, reference: Any, metrics: Sequence[str],
 
 
 def _fid_against_statistics(generated: Tensor, stats: Mapping[str, Any], extractor: str, settings: Mapping[str, Any],
-                            data_cfg: Any, classifier_path: str | None, device: Any) -> float:
+                            data_cfg: Any, classifier_path: str | None, device: Any, progress: bool) -> float:
     """The Fréchet distance of the generated images' features to reference statistics ``{"mu", "sigma"}``."""
     gen_feats = extract_features(generated, feature_extractor=extractor, eval_cfg=settings, data_cfg=data_cfg,
-                                 classifier_path=classifier_path, device=device)
+                                 classifier_path=classifier_path, device=device,
+                                 progress="features (samples)" if progress else None)
     mu, sigma = feature_statistics(gen_feats)
     if mu.shape != stats["mu"].shape:
         raise ValueError(f"eval.reference_stats has {stats['mu'].shape[0]}-d statistics but the {extractor} "
@@ -164,12 +172,12 @@ def _fid_against_statistics(generated: Tensor, stats: Mapping[str, Any], extract
 
 
 def _fidelity_arguments(generated: Tensor, metrics: Sequence[str], extractor: str, weights_path: str | None,
-                        settings: Mapping[str, Any], device: Any) -> dict[str, Any]:
+                        settings: Mapping[str, Any], device: Any, progress: bool) -> dict[str, Any]:
     """torch-fidelity's ``calculate_metrics`` arguments for the generated set (the reference is added by the caller)."""
     device = eval_device(device)
     cache_dir = os.path.expanduser(str(settings["cache_dir"]))
     kwargs: dict[str, Any] = {
-        "input1": UInt8Images(generated, extractor == INCEPTION_EXTRACTOR),
+        "input1": UInt8Images(generated, extractor == INCEPTION_EXTRACTOR, "features (samples)" if progress else None),
         "feature_extractor": extractor,
         "feature_extractor_weights_path": weights_path,
         "cuda": device.type == "cuda",
@@ -192,14 +200,7 @@ def _usable_reference_stats(stats: Mapping[str, Any], extractor: str, extractor_
         images = to_nchw(np.asarray(stats["images"]), None, str(stats.get("path", "reference images")))
         return compute_reference_statistics(images, feature_extractor=extractor, eval_cfg=settings,
                                             data_cfg=data_cfg, classifier_path=classifier_path, device=device)
-    recorded = stats.get("feature_extractor")
-    if recorded and recorded != extractor:
-        raise ValueError(f"eval.reference_stats {stats.get('path', '')} was computed with {recorded} features, but "
-                         f"this evaluation uses {extractor}")
-    recorded_id = stats.get("extractor_id")
-    if recorded_id and recorded_id != extractor_id:
-        raise ValueError(f"eval.reference_stats {stats.get('path', '')} was computed with {recorded_id} weights, but "
-                         f"this evaluation uses {extractor_id}: recompute it with ref=true")
+    check_reference_statistics(stats, extractor, extractor_id)
     return stats
 
 

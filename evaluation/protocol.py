@@ -16,7 +16,15 @@ sampler and seeds.
 
 **During training**: ``evaluate_during_training`` (called by train.py on rank 0 every ``eval.every_kimg``) samples
 ``eval.num_samples_during_training`` images and returns ``{"kimg": ..., "eval/<metric>": ...}`` for
-metrics.jsonl / wandb, leaving the global RNG states and the model's mode untouched.
+metrics.jsonl / wandb, leaving the global RNG states and the model's mode untouched. ``preflight_during_training``
+(train.py's ``preflight`` hook, at start-up) runs the evaluation's preflight (``evaluation/preflight.py``) on the
+training set, so that an evaluation that cannot run stops the run before its first step, not at its first
+evaluation.
+
+**Counts beside numbers.** A metric is comparable only at equal sample counts, so every result carries the count
+beside its values (``num_samples``, per column ``counts``, ``eval/num_samples`` in metrics.jsonl) and the sampling
+that made the images (sampler config, ``nfe`` network evaluations per image, ``num_steps``); metric keys keep their
+names (``fid_inception``).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from data import build_dataset
 from evaluation.features import resolve_feature_extractor
 from evaluation.likelihood import likelihood_metrics
 from evaluation.metrics import compute_metrics
+from evaluation.preflight import PreflightResult, check_evaluation
 from evaluation.ranks import gather_rows, rank_slice, rank_split
 from evaluation.reference_stats import reference_identity
 from evaluation.settings import check_metrics, eval_settings, primary_key
@@ -49,6 +58,7 @@ __all__ = [
     "reference_getter",
     "evaluate_denoiser",
     "evaluate_during_training",
+    "preflight_during_training",
 ]
 
 CEILING_NOTE = "ceiling: needs ckpt= (an untrained model of the checkpoint's architecture)"
@@ -57,10 +67,13 @@ CEILING_NOTE = "ceiling: needs ckpt= (an untrained model of the checkpoint's arc
 def generate_for_eval(
     denoiser: torch.nn.Module, data_cfg: Any, eval_cfg: Any, sampler_cfg: Any, *, device: str | torch.device,
     num_samples: int | None = None, progress: bool = False, first_seed: int | None = None, distributed: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> Tensor:
     """``eval.num_samples`` uint8 images from seeds ``first_seed .. first_seed + N - 1`` (default first seed
     ``eval.seed``; labels drawn per seed). ``distributed``: under torchrun each rank generates a contiguous slice of
-    the seeds and every rank returns all N images (gathered in seed order); identical to one process."""
+    the seeds and every rank returns all N images (gathered in seed order); identical to one process. ``progress``
+    (with ``eval.progress``): a progress bar on rank 0. ``info`` receives this rank's sampling facts (``nfe``,
+    ``num_steps``; ``training.generate.generate_images``)."""
     settings = eval_settings(eval_cfg)
     n = int(num_samples if num_samples is not None else settings["num_samples"])
     if n < 2:
@@ -73,9 +86,10 @@ def generate_for_eval(
     if getattr(denoiser, "latent_info", None):  # a latent-space model: decode its samples to RGB with its VAE
         extra["latent_codec"] = latent_codec_for(denoiser, device)
     images = torch.empty(0, dtype=torch.uint8)
+    show = progress and rank == 0 and bool(settings.get("progress", True))
     if mine:
         images = generate_images(denoiser, mine, sampler_cfg=sampler_cfg, batch_size=int(settings["batch"]),
-                                 device=device, binary=binary, progress=progress and rank == 0, **extra)
+                                 device=device, binary=binary, progress=show, info=info, **extra)
     return gather_rows(images, on)
 
 
@@ -113,9 +127,11 @@ class _Job:
     distributed: bool
     main: bool
     num_samples: int
+    progress: bool = False
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)  # nfe, num_steps of the first seed range
 
     def metrics_of(self, images: Tensor) -> dict[str, float]:
-        return compute_metrics(images, self.get_reference(), **self.common)
+        return compute_metrics(images, self.get_reference(), progress=self.progress, **self.common)
 
 
 def evaluate_model(
@@ -140,7 +156,8 @@ def evaluate_model(
                   reference_cache_name=reference_identity(data_cfg, "train"), eval_cfg=settings, data_cfg=data_cfg,
                   device=device)
     job = _Job(data_cfg, sampler_cfg, settings, device, get_reference, common, on, rank == 0,
-               int(num_samples if num_samples is not None else settings["num_samples"]))
+               int(num_samples if num_samples is not None else settings["num_samples"]),
+               progress=progress and bool(settings.get("progress", True)))
     repeats, first_images = _sample_repeats(job, denoiser, repeats_n if sample_metrics else 0, progress)
     nll_metrics: dict[str, float] = {}
     nll_details = None
@@ -173,6 +190,8 @@ def evaluate_model(
         "images": first_images,
         "num_samples": repeats[best]["num_images"] if repeats else 0,
         "seeds": repeats[best]["seeds"] if repeats else None,
+        "nfe": job.sampling.get("nfe"),
+        "num_steps": job.sampling.get("num_steps"),
     }
 
 
@@ -189,8 +208,12 @@ def _sample_repeats(job: _Job, denoiser: torch.nn.Module, repeats_n: int,
             sampler = to_plain_dict(job.sampler_cfg)
             print(f"generating {n} samples (seeds {first}-{first + n - 1}) with sampler={sampler.get('name')} "
                   f"num_steps={sampler.get('num_steps')} on {job.device}", flush=True)
+        info: dict[str, Any] = {}
         images = generate_for_eval(denoiser, job.data_cfg, job.settings, job.sampler_cfg, device=job.device,
-                                   num_samples=n, first_seed=first, distributed=job.distributed, progress=progress)
+                                   num_samples=n, first_seed=first, distributed=job.distributed, progress=progress,
+                                   info=info)
+        if r == 0 and info:
+            job.sampling = {"nfe": info["nfe"], "num_steps": info["num_steps"]}
         if job.main:
             repeats.append({"seeds": [first, first + len(images) - 1], "num_images": len(images),
                             "metrics": job.metrics_of(images)})
@@ -276,30 +299,53 @@ def evaluate_denoiser(
     return {} if result is None else result["metrics"]
 
 
+def _training_settings(cfg: Any) -> tuple[dict[str, Any], int]:
+    """The ``eval`` settings of an evaluation during training (one seed range, no baselines) and its sample count."""
+    settings = eval_settings(cfg.eval)
+    n = int(settings["num_samples_during_training"] or settings["num_samples"])
+    settings.update(seed_repeats=1, baselines=False)
+    return settings, n
+
+
+def _refuse_latents(dataset: Any) -> None:
+    if getattr(dataset, "latent", False):
+        raise ValueError("evaluation during training needs pixel data; the training set holds latents (set "
+                         "eval.every_kimg=null, and evaluate decoded samples with sample.py + evaluate.py samples=)")
+
+
+def preflight_during_training(cfg: Any, dataset: Any) -> PreflightResult:
+    """train.py's ``preflight`` hook (rank 0, at start-up, when ``eval.every_kimg`` is set): the checks of
+    ``evaluation/preflight.py`` for ``evaluate_during_training`` on ``dataset`` (the training split), e.g. the
+    Inception weights are found (or downloaded) now, and latent data is refused now rather than hours in."""
+    _refuse_latents(dataset)
+    settings, n = _training_settings(cfg)
+    shape = (int(dataset.num_channels), int(dataset.resolution), int(dataset.resolution))
+    return check_evaluation(settings, cfg.data, get_reference=lambda: dataset, chw=shape, num_samples=n)
+
+
 def evaluate_during_training(ema_denoiser: torch.nn.Module, cfg: Any, dataset: Any, device: str | torch.device,
                              cur_kimg: float) -> dict[str, Any]:
     """Periodic evaluation for train.py (rank 0, every ``eval.every_kimg``): ``eval.metrics`` of
     ``eval.num_samples_during_training`` samples (seeds ``eval.seed``.., one repeat, no baselines) against
     ``dataset`` (the training split), with ``cfg.data`` and ``cfg.sampler``.
 
-    Returns ``{"kimg": cur_kimg, "eval/<metric key>": value, ..., "eval/num_samples": N, "eval/seconds": s}``
-    ready for metrics.jsonl / wandb. The model's train/eval mode and every global RNG state are restored, so a
-    resumed run is not perturbed by when it was evaluated.
+    Returns ``{"kimg": cur_kimg, "eval/<metric key>": value, ..., "eval/num_samples": N, "eval/seed": first seed,
+    "eval/nfe": network evaluations per image, "eval/seconds": s}`` ready for metrics.jsonl / wandb. The model's
+    train/eval mode and every global RNG state are restored, so a resumed run is not perturbed by when it was
+    evaluated.
     """
-    if getattr(dataset, "latent", False):
-        raise ValueError("evaluation during training needs pixel data; the training set holds latents (set "
-                         "eval.every_kimg=null, and evaluate decoded samples with sample.py + evaluate.py samples=)")
-    settings = eval_settings(cfg.eval)
-    n = int(settings["num_samples_during_training"] or settings["num_samples"])
-    settings.update(seed_repeats=1, baselines=False)
+    _refuse_latents(dataset)
+    settings, n = _training_settings(cfg)
     t0 = time.time()
     was_training = ema_denoiser.training
     with preserved_rng(device):
         ema_denoiser.eval()
         try:
-            values = evaluate_denoiser(ema_denoiser, cfg.data, settings, cfg.sampler, device=device, num_samples=n,
-                                       reference=dataset)
+            result = evaluate_model(ema_denoiser, cfg.data, cfg.sampler, settings, device=device, num_samples=n,
+                                    get_reference=reference_getter(cfg.data, settings, dataset), progress=True)
         finally:
             ema_denoiser.train(was_training)
-    return {"kimg": float(cur_kimg), **{f"eval/{k}": v for k, v in values.items()}, "eval/num_samples": n,
+    assert result is not None  # a single process: rank 0
+    return {"kimg": float(cur_kimg), **{f"eval/{k}": v for k, v in result["metrics"].items()},
+            "eval/num_samples": n, "eval/seed": int(settings["seed"]), "eval/nfe": result["nfe"],
             "eval/seconds": round(time.time() - t0, 2)}

@@ -16,6 +16,13 @@ refused with this option. Those files were made with the TF/StyleGAN3 Inception 
 to all digits was not checked here (no network). ``evaluate.py ref=true`` writes such a file
 (``save_reference_statistics``: keys ``mu``, ``sigma`` in float64, plus ``num_images`` and the extractor's name/id)
 from all (un-flipped) training images of ``data``.
+
+**Which weights made a file.** ``check_reference_statistics`` refuses a file whose recorded extractor, feature size
+or weights differ from the evaluation's. Weights are compared by their id (``evaluation/features.py``: the
+SHA-256 of the weights file, whichever way it was found), so a file made online (weights from torch hub) is accepted
+offline with the same file given as ``eval.feature_extractor_weights_path``; older files that recorded
+``inception-6726825d`` match the published weights by the digits they share. Files without a recorded id (EDM's,
+ADM's) cannot be checked beyond their feature size.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 
 from configs import to_plain_dict
 from data.atomic import atomic_open
-from evaluation.features import extract_features, extractor_for, extractor_weights
+from evaluation.features import extract_features, extractor_for, extractor_weights, same_weights
 from evaluation.frechet import feature_statistics
 from evaluation.settings import eval_settings, safe_name, short_hash
 
@@ -38,6 +45,7 @@ __all__ = [
     "reference_identity",
     "save_reference_statistics",
     "load_reference_statistics",
+    "check_reference_statistics",
     "compute_reference_statistics",
 ]
 
@@ -92,6 +100,30 @@ def load_reference_statistics(path: str | os.PathLike) -> dict[str, Any]:
             return {"images": np.asarray(npz["arr_0"]), "path": str(p)}
     raise ValueError(f"{p} has neither mu/sigma (EDM / ADM reference statistics) nor arr_0 (ADM reference images); "
                      f"found: {', '.join(sorted(files)) or 'nothing'}")
+
+
+def check_reference_statistics(stats: Mapping[str, Any], extractor: str, extractor_id: str,
+                               feature_dim: int | None = None) -> None:
+    """Refuse reference statistics (``load_reference_statistics``) made with another extractor, feature size or
+    weights than ``extractor`` / ``extractor_id``; the error says how to proceed."""
+    path = stats.get("path", "")
+    recorded = stats.get("feature_extractor")
+    if recorded and recorded != extractor:
+        raise ValueError(f"eval.reference_stats {path} was computed with {recorded} features, but this evaluation "
+                         f"uses {extractor}: set eval.feature_extractor={recorded}, or recompute the file with "
+                         "`python evaluate.py ref=true`")
+    if feature_dim is not None and "mu" in stats and int(np.shape(stats["mu"])[0]) != int(feature_dim):
+        raise ValueError(f"eval.reference_stats {path} has {np.shape(stats['mu'])[0]}-d statistics but the "
+                         f"{extractor} features are {feature_dim}-d: the file was made with another feature extractor")
+    recorded_id = stats.get("extractor_id")
+    if recorded_id and not same_weights(recorded_id, extractor_id):
+        digits = str(recorded_id).rpartition("-")[2]
+        raise ValueError(
+            f"eval.reference_stats {path} was computed with the weights {recorded_id}, but this evaluation uses "
+            f"{extractor_id}; statistics of other weights give meaningless distances. Either pass the weights the "
+            f"file was made with (eval.feature_extractor_weights_path=<the file whose SHA-256 starts with {digits}>; "
+            "`sha256sum <file>` shows it), or recompute the file with these weights: `python evaluate.py ref=true "
+            "data=<dataset> out=<file>`")
 
 
 def compute_reference_statistics(

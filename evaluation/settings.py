@@ -8,6 +8,10 @@ Metric names (``eval.metrics``): ``fid``, ``isc``, ``kid``, ``prc`` (properties 
 property of the model: ``evaluation/likelihood.py``); ``configs.validation.VALID_METRICS`` is the one list of them.
 Result keys always name the feature extractor: ``fid_<tag>``, ``isc_<tag>_mean/_std``, ``kid_<tag>_mean/_std``,
 ``prc_<tag>_precision/_recall/_f_score`` with tag ``digits_classifier`` or ``inception`` (``EXTRACTOR_TAGS``).
+Keys do not carry the sample count (``fid_inception``, not ``fid50k_inception``): a ``num_samples`` field sits
+beside every set of values instead (``num_samples`` beside ``metrics`` in ``eval-*.json`` and ``fid_curve.jsonl``,
+``counts`` beside ``columns``, ``num_samples`` in each seed repeat, ``eval/num_samples`` in metrics.jsonl), so the
+existing keys stay readable by every consumer and a 2,000-sample FID is never mistaken for a 50k one.
 """
 
 from __future__ import annotations
@@ -71,10 +75,12 @@ DEFAULT_EVAL = {
     "seed_repeats": 1,
     "reference_stats": None,
     "save_samples": False,
+    "progress": True,
     "curve_metric": None,
     "target_fid": None,
     "target_interpolation": "loglinear",
     "baseline_run": None,
+    "checkpoints": "all",
     "nll_method": "auto",
     "nll_split": "test",
     "nll_num_images": 1000,

@@ -119,12 +119,54 @@ def test_periodic_evaluation_needs_its_hook(tmp_path):
 
 
 def test_the_entry_point_wires_the_evaluation_hooks():
-    """train.py hands the Trainer evaluation's protocol (only when eval.every_kimg asks for it) and the InfoNoise
-    profile figure."""
+    """train.py hands the Trainer evaluation's protocol and its preflight (only when eval.every_kimg asks for them)
+    and the InfoNoise profile figure."""
     import train as entry
     from evaluation.infonoise_report import plot_infonoise_profile
-    from evaluation.protocol import evaluate_during_training
+    from evaluation.protocol import evaluate_during_training, preflight_during_training
 
     assert entry.hooks(compose("train", [])) == {"plot_profile": plot_infonoise_profile}
     assert entry.hooks(compose("train", ["eval.every_kimg=10"])) == {
-        "plot_profile": plot_infonoise_profile, "evaluate_fn": evaluate_during_training}
+        "plot_profile": plot_infonoise_profile, "evaluate_fn": evaluate_during_training,
+        "preflight": preflight_during_training}
+
+
+def test_a_failing_evaluation_is_logged_and_training_goes_on(tmp_path):
+    """An evaluation that raises (offline Inception, a bug) is logged with its kimg; the run still finishes, with the
+    same weights as a run without evaluation."""
+    calls = []
+
+    def broken(model, cfg, dataset, device, kimg):
+        calls.append(kimg)
+        raise RuntimeError("Inception weights unavailable (simulated)")
+
+    _train(tmp_path / "broken", "eval.every_kimg=0.128", evaluate_fn=broken)
+    _train(tmp_path / "plain")
+    records = [json.loads(line) for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
+    errors = [r for r in records if "eval/error" in r]
+    assert calls == [0.128, 0.256]
+    assert [(r["kimg"], r["step"]) for r in errors] == [(0.128, 4), (0.256, 8)]
+    assert all(r["eval/error"] == "RuntimeError: Inception weights unavailable (simulated)" for r in errors)
+    a, b = load_checkpoint(tmp_path / "broken"), load_checkpoint(tmp_path / "plain")
+    assert a["progress"]["cur_nimg"] == 256
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+
+
+def test_the_evaluation_preflight_stops_a_run_before_its_first_step(tmp_path):
+    """eval.every_kimg with a weights file that does not exist: the run stops at start-up, naming the file, before
+    any training step or checkpoint, and the periodic evaluation is never reached."""
+    from evaluation.protocol import evaluate_during_training, preflight_during_training
+
+    def never(*args):
+        raise AssertionError("evaluation reached")
+
+    with pytest.raises(ValueError, match=r"eval.every_kimg=0.128: the evaluation during training cannot run "
+                                         r"\(FileNotFoundError: eval.feature_extractor_weights_path=/nonexistent/"):
+        _train(tmp_path, "eval.every_kimg=0.128", "eval.feature_extractor=inception-v3-compat",
+               "eval.feature_extractor_weights_path=/nonexistent/inception.pth", evaluate_fn=never,
+               preflight=preflight_during_training)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    # The same hook accepts a sound evaluation set-up (the digits classifier, trained and cached on first use).
+    _train(tmp_path / "ok", "eval.every_kimg=0.256", "eval.num_samples_during_training=20", "sampler.num_steps=2",
+           evaluate_fn=evaluate_during_training, preflight=preflight_during_training)
+    assert (tmp_path / "ok" / "checkpoints").is_dir()

@@ -162,12 +162,12 @@ def generate_images(denoiser: torch.nn.Module, seeds: Sequence[int], *, sampler_
                              profile_schedule=profile_schedule)
     out = []
     main_evals = guide_evals = 0
-    starts = range(0, len(seeds), batch_size)
-    if progress:
+    bar = None
+    if progress:  # images/s and ETA; tqdm shows it only on a terminal
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True)
-    for start in starts:
+        bar = tqdm(total=len(seeds), desc="sampling", unit="img", dynamic_ncols=True, leave=False, disable=None)
+    for start in range(0, len(seeds), batch_size):
         batch_seeds = seeds[start:start + batch_size]
         labels = None if class_labels is None else class_labels[start:start + batch_size]
         setup.reset()
@@ -178,6 +178,10 @@ def generate_images(denoiser: torch.nn.Module, seeds: Sequence[int], *, sampler_
         if binary:
             images = torch.where(images >= 128, 255, 0).to(torch.uint8)
         out.append(images)
+        if bar is not None:
+            bar.update(len(batch_seeds))
+    if bar is not None:
+        bar.close()
     if info is not None:
         n = max(len(seeds), 1)
         nfe_main, nfe_guide = main_evals / n, guide_evals / n

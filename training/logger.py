@@ -1,10 +1,18 @@
 """A run's metrics: ``<run_dir>/metrics.jsonl`` always, Weights & Biases when ``logger=wandb``; and the per-tick
 training record (loss, MSE, gradient norm, throughput) that goes into them.
+
+Weights & Biases: the run's files go into the run directory (``dir=<run_dir>``: ``<run_dir>/wandb/offline-run-*``
+with ``logger.mode=offline``, synced later with ``wandb sync``). The wandb run id is made here once and kept in
+``<run_dir>/wandb_id.txt``, so a resumed run (``resume=auto``) continues the same wandb run (``resume="allow"``);
+a run started from another run's checkpoint in a new directory is a new wandb run. ``logger.mode`` is passed to
+``wandb.init``, where it takes precedence over ``WANDB_MODE``.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +20,25 @@ from typing import Any
 import torch
 
 from configs.validation import ConfigError
+from data.atomic import atomic_write_text
 from training.distributed import all_reduce_sum
+
+WANDB_ID_FILE = "wandb_id.txt"
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of ``run_dir``: read from ``wandb_id.txt``, else made (8 random lowercase letters and digits,
+    like wandb's own ids) and written there atomically."""
+    id_file = run_dir / WANDB_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+        if run_id:
+            return run_id
+    run_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(id_file, run_id + "\n")
+    return run_id
 
 
 class RunLogger:
@@ -33,10 +59,7 @@ class RunLogger:
             raise ConfigError(f"logger.mode: must be online, offline or disabled, got {cfg.mode!r}")
         import wandb
 
-        # A stable id stored in the run directory makes a resumed run continue the same wandb run.
-        id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id)
+        run_id = wandb_run_id(run_dir)  # stable: a resumed run continues the same wandb run
         return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
                           mode=cfg.mode, dir=str(run_dir), config=config, name=run_dir.name, id=run_id,
                           resume="allow")
@@ -46,8 +69,8 @@ class RunLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+        if self.wandb_run is not None:  # numbers, and messages such as eval/error
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float, str))},
                                step=int(record.get("step", 0)))
 
     def close(self) -> None:
