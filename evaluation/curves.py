@@ -3,8 +3,9 @@
 Every checkpoint of a run (a directory with ``checkpoints/``), or of every run below a sweep directory, is
 evaluated with the ``eval`` settings given on the command line (data and sampler: each run's own, unless
 overridden); one JSON line per checkpoint is appended to ``<run>/fid_curve.jsonl`` (checkpoints already evaluated
-with the same settings are skipped, so the command is resumable); ``<run_dir>/fid_curve.png`` (metric vs kimg, one
-line per run, log y) and ``<run_dir>/fid_curve.md`` (images-to-reach-target table) are written.
+with the same settings are skipped, so the command is resumable; the key says what the data and files are, not where
+they lie: ``evaluation/curve_keys.py``); ``<run_dir>/fid_curve.png`` (metric vs kimg, one line per run, log y) and
+``<run_dir>/fid_curve.md`` (images-to-reach-target table) are written.
 
 The target is ``eval.target_fid``, else the baseline run's final value (the speed-up of InfoNoise, Raya et al.
 2026, arXiv 2602.18647: the training images needed to reach the final quality of the baseline), else the largest of
@@ -22,14 +23,16 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from configs import jsonable, to_plain_dict
-from evaluation.features import eval_device, resolve_feature_extractor, weights_digest
+from configs import jsonable
+from data.atomic import atomic_write_text
+from evaluation.curve_keys import curve_settings, legacy_curve_settings, rekey_legacy_entries, settings_key
+from evaluation.features import eval_device
 from evaluation.figures import plot_curves
 from evaluation.protocol import evaluate_model, reference_getter
 from evaluation.reference_stats import reference_identity
@@ -39,7 +42,6 @@ from evaluation.settings import (
     eval_settings,
     primary_key,
     run_group,
-    short_hash,
 )
 from evaluation.sweep import report_rows, run_config
 from training.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint, load_denoiser
@@ -58,10 +60,13 @@ __all__ = [
     "target_table",
     "fmt_kimg",
     "run_curves",
+    "run_last_checkpoints",
+    "CHECKPOINT_CHOICES",
     "curve_baseline",
 ]
 
 TARGET_INTERPOLATIONS = ("loglinear", "linear", "none")
+CHECKPOINT_CHOICES = ("all", "last")  # eval.checkpoints: what run_dir= evaluates (a curve, or each run's newest)
 
 
 def check_interpolation(interpolation: str) -> str:
@@ -103,31 +108,6 @@ def read_curve(run_dir: str | os.PathLike, settings_key: str | None = None) -> l
             if settings_key is None or entry.get("settings_key") == settings_key:
                 entries.append(entry)
     return sorted(entries, key=lambda e: e["nimg"])
-
-
-def curve_settings(settings: Mapping[str, Any], data_cfg: Any, sampler_cfg: Any, ema: bool) -> dict[str, Any]:
-    """Everything a curve point's value depends on besides the checkpoint (hashed into ``settings_key``)."""
-    metrics = check_metrics(settings["metrics"])
-    keys = ["metrics", "num_samples", "seed", "seed_repeats", "feature_extractor_weights_path"]
-    if "nll" in metrics:
-        keys += [k for k in settings if k.startswith("nll_") and k != "nll_batch"]
-    out = {k: settings[k] for k in keys}
-    if any(m != "nll" for m in metrics):
-        out["feature_extractor"] = resolve_feature_extractor(settings["feature_extractor"], data_cfg)
-    ref = settings.get("reference_stats")
-    if ref:
-        ref_path = os.path.abspath(os.path.expanduser(str(ref)))
-        out["reference"] = f"stats:{ref_path}:{weights_digest(ref_path)}"
-    else:
-        out["reference"] = reference_identity(data_cfg, "train")
-    out["sampler"] = to_plain_dict(sampler_cfg)
-    out["ema"] = bool(ema)
-    return out
-
-
-def settings_key(settings_of_curve: Mapping[str, Any]) -> str:
-    """A short hash of ``curve_settings``: the points of one curve share it."""
-    return short_hash(json.dumps(jsonable(settings_of_curve), sort_keys=True))
 
 
 def kimg_to_reach(points: Sequence[tuple[float, float]], target: float,
@@ -256,17 +236,23 @@ def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
 
 def _curve_plan(runs: Sequence[Path], root: Path, cfg: Any, overrides: Sequence[str], settings: Mapping[str, Any],
                 ema: bool, main: bool) -> list[dict[str, Any]]:
-    """The plan (the same on every rank): per run its data/sampler configs, settings key and unevaluated
-    checkpoints (known on rank 0 only)."""
+    """The plan (the same on every rank): per run its data/sampler configs, and on rank 0 its curve key
+    (``evaluation/curve_keys.py``; older points of the same settings re-keyed) and unevaluated checkpoints."""
     plan = []
     for run in runs:
         ckpts = list_checkpoints(run)
         run_cfg = OmegaConf.create(load_checkpoint(ckpts[0])["config"])
         data_cfg = run_group(run_cfg.get("data"), cfg.data, overrides, "data")
         sampler_cfg = run_group(run_cfg.get("sampler"), cfg.sampler, overrides, "sampler")
-        settings_of_curve = curve_settings(settings, data_cfg, sampler_cfg, ema)
-        key = settings_key(settings_of_curve)
-        done = {e["checkpoint"] for e in read_curve(run, key)} if main else set()
+        settings_of_curve, key, done = None, None, set()
+        if main:
+            settings_of_curve = curve_settings(settings, data_cfg, sampler_cfg, ema)
+            key = settings_key(settings_of_curve)
+            rekeyed = rekey_legacy_entries(run, key, settings_of_curve,
+                                           legacy_curve_settings(settings, data_cfg, sampler_cfg, ema))
+            if rekeyed:
+                print(f"[{run_name(run, root)}] {rekeyed} points of an older curve file re-keyed ({key})", flush=True)
+            done = {e["checkpoint"] for e in read_curve(run, key)}
         todo = [str(p) for p in ckpts if p.name not in done]
         plan.append({"run": run, "name": run_name(run, root), "data": data_cfg, "sampler": sampler_cfg,
                      "settings": settings_of_curve, "key": key, "todo": todo, "total": len(ckpts)})
@@ -320,6 +306,56 @@ def _summarise_curves(plan: Sequence[Mapping[str, Any]], settings: Mapping[str, 
     print(table)
     print(f"wrote {plot} and {root / 'fid_curve.md'}")
     return {"runs": curves, "metric": metric, "table": table, "plot": str(plot), "summary": summary}
+
+
+def run_last_checkpoints(cfg: Any, overrides: Sequence[str], dist_info: Any,
+                         evaluate: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """``run_dir=<run or sweep> eval.checkpoints=last`` (``eval=nll`` sets it): the newest checkpoint of every run,
+    evaluated as ``evaluate.py ckpt=<it> out=<run>/eval-<eval.name>.json`` would (``evaluate`` is that mode), so the
+    report (``report=``) reads each run's final likelihood or FID-50k as extra columns. A run whose file already holds
+    its newest checkpoint evaluated with the same settings (the curve key of ``evaluation/curve_keys.py``, recorded as
+    ``settings_key``) is skipped. Returns ``{"runs": {name: record}, "skipped": [names]}`` on rank 0."""
+    settings = eval_settings(cfg.eval)
+    root = Path(os.path.expanduser(str(cfg.run_dir)))
+    main = dist_info is None or dist_info.rank == 0
+    ema = bool(cfg.get("ema", True))
+    plan = []
+    for run in find_runs(root):
+        out, newest = run / f"eval-{settings['name']}.json", list_checkpoints(run)[-1]
+        key = None
+        if main:
+            run_cfg = OmegaConf.create(run_config(run))
+            data_cfg = run_group(run_cfg.get("data"), cfg.data, overrides, "data")
+            sampler_cfg = run_group(run_cfg.get("sampler"), cfg.sampler, overrides, "sampler")
+            key = settings_key(curve_settings(settings, data_cfg, sampler_cfg, ema))
+        plan.append((run, out, newest, key, main and _already_evaluated(out, newest, key)))
+    skip = broadcast_object([p[4] for p in plan])
+    records: dict[str, Any] = {}
+    for (run, out, newest, key, _), done in zip(plan, skip):
+        name = run_name(run, root)
+        if done:
+            if main:
+                print(f"[{name}] {out.name} already holds {newest.name} with these settings ({key}): skipped")
+            continue
+        if main:
+            print(f"[{name}] evaluating {newest.name} -> {out}", flush=True)
+        record = evaluate(OmegaConf.merge(cfg, {"run_dir": None, "ckpt": str(newest), "out": str(out)}))
+        if main:
+            record["settings_key"] = key
+            atomic_write_text(out, json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")
+            records[name] = record
+    barrier()
+    return {"runs": records, "skipped": [run_name(p[0], root) for p, done in zip(plan, skip) if done]} if main else {}
+
+
+def _already_evaluated(out: Path, newest: Path, key: str | None) -> bool:
+    """Whether ``out`` (an ``eval-*.json``) holds ``newest`` evaluated with the settings of curve key ``key``."""
+    try:
+        record = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (isinstance(record, dict) and record.get("settings_key") == key
+            and Path(str(record.get("ckpt", ""))).name == newest.name)
 
 
 def curve_baseline(baseline: str | None, runs: Mapping[str, Path], root: Path) -> tuple[str | None, str | None]:

@@ -11,7 +11,8 @@ What is checked, cheapest first:
    ``eval.nll_method`` / ``eval.nll_split``, and that ``kid`` / ``prc`` are not asked of ``eval.reference_stats``
    (they need the reference features, the file holds only mu and Sigma);
 2. the output: ``out=`` can be written (its folder exists or can be created);
-3. ``eval.reference_stats``: the file exists and holds mu/sigma or ADM's reference images (``arr_0``);
+3. ``eval.reference_stats``: the file exists and holds mu/sigma or ADM's reference images (``arr_0``), and the
+   ``--transform`` it records made the data's images too (``check_reference_transform``);
 4. the feature extractor (``eval.feature_extractor``; ``auto`` resolved with the data config) and its weights file:
    it exists, or for Inception without ``eval.feature_extractor_weights_path`` it is in torch hub's cache or can be
    downloaded now (``evaluation/features.py``);
@@ -43,7 +44,12 @@ from evaluation.features import (
     probe_extractor,
     resolve_feature_extractor,
 )
-from evaluation.reference_stats import check_reference_statistics, load_reference_statistics, reference_identity
+from evaluation.reference_stats import (
+    check_reference_statistics,
+    check_reference_transform,
+    load_reference_statistics,
+    reference_identity,
+)
 from evaluation.settings import INCEPTION_EXTRACTOR, check_metrics
 from training.distributed import broadcast_object, get_rank
 
@@ -132,6 +138,7 @@ def check_evaluation(settings: Mapping[str, Any], data_cfg: Any, *, get_referenc
     stats = None
     if settings.get("reference_stats") is not None:
         stats = load_reference_statistics(settings["reference_stats"])
+        check_reference_transform(stats, data_cfg)  # made from images of another crop (ImageNet-64: EDM's vs ADM's)
     extractor = resolve_feature_extractor(settings["feature_extractor"], data_cfg)
     extractor_weights(extractor, settings, data_cfg, None)  # a missing file or a failed download fails here
     if stats is None:

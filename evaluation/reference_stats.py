@@ -23,10 +23,21 @@ SHA-256 of the weights file, whichever way it was found), so a file made online 
 offline with the same file given as ``eval.feature_extractor_weights_path``; older files that recorded
 ``inception-6726825d`` match the published weights by the digits they share. Files without a recorded id (EDM's,
 ADM's) cannot be checked beyond their feature size.
+
+**Which preprocessing made the images.** A file written by ``ref=true`` also records the ``--transform`` that made
+its images (``transform``: ``center-crop`` for EDM's ImageNet-64, ``adm`` for ADM's crop; ``data.transforms``).
+``check_reference_transform`` refuses (before sampling) an evaluation whose data was prepared with another one: the
+two crops give different pixels and bias the FID. EDM's own ``imagenet-64x64.npz`` records nothing; it was made
+with ``center-crop``, the default of ``python -m data.prepare imagenet``.
+
+**What a data split is** (``dataset_identity``), as opposed to where it lies: the name, split, image count, shape and
+a content fingerprint (every label and the pixels of ``IDENTITY_ITEMS`` items spread over the split). Curve keys
+(``evaluation/curves.py``) use it, so a copy of the data on node-local disk is the same reference set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,8 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from configs import to_plain_dict
+from configs import flatten, to_plain_dict
+from data import build_dataset
 from data.atomic import atomic_open
+from data.transforms import data_transform
 from evaluation.features import extract_features, extractor_for, extractor_weights, same_weights
 from evaluation.frechet import feature_statistics
 from evaluation.settings import eval_settings, safe_name, short_hash
@@ -46,8 +59,14 @@ __all__ = [
     "save_reference_statistics",
     "load_reference_statistics",
     "check_reference_statistics",
+    "check_reference_transform",
     "compute_reference_statistics",
+    "dataset_identity",
+    "IDENTITY_ITEMS",
 ]
+
+IDENTITY_ITEMS = 16  # items whose pixels go into a dataset's content fingerprint (first and last included)
+_IDENTITY_MEMO: dict[str, str] = {}
 
 
 def reference_identity(data_cfg: Any, split: str) -> str:
@@ -66,15 +85,41 @@ def reference_identity(data_cfg: Any, split: str) -> str:
     return safe_name("-".join(parts))
 
 
+def dataset_identity(data_cfg: Any, split: str, dataset: Any = None) -> str:
+    """``<name>/<split>/n<images>/<C>x<R>x<R>/<12 hex digits>``: what a data split is, not where it lies.
+
+    The digits are the start of the SHA-256 of the image count, the shape, every label and the raw pixels of
+    ``IDENTITY_ITEMS`` un-flipped items at evenly spaced indices (first and last included): a copy of the data
+    elsewhere has the same identity, a re-prepared or edited dataset almost surely not. Builds the split unless
+    ``dataset`` is given; memoised per data config within a process.
+    """
+    memo_key = f"{sorted((k, repr(v)) for k, v in flatten(to_plain_dict(data_cfg)).items())}|{split}"
+    if dataset is None and memo_key in _IDENTITY_MEMO:
+        return _IDENTITY_MEMO[memo_key]
+    if dataset is None:
+        dataset = build_dataset(data_cfg, split=split)
+    n = int(getattr(dataset, "num_images", len(dataset)))
+    digest = hashlib.sha256(f"{n}|{dataset.num_channels}|{dataset.resolution}".encode())
+    digest.update(np.ascontiguousarray(dataset.all_labels().numpy()).tobytes())
+    for i in sorted({round(k * (n - 1) / (IDENTITY_ITEMS - 1)) for k in range(IDENTITY_ITEMS)}):
+        digest.update(np.ascontiguousarray(torch.as_tensor(dataset._load_image(i)).numpy()).tobytes())
+    c, r = int(dataset.num_channels), int(dataset.resolution)
+    identity = f"{dataset.name}/{split}/n{n}/{c}x{r}x{r}/{digest.hexdigest()[:12]}"
+    _IDENTITY_MEMO[memo_key] = identity
+    return identity
+
+
 def save_reference_statistics(path: str | os.PathLike, stats: Mapping[str, Any]) -> Path:
     """Write EDM's reference format (``mu``, ``sigma``; float64) plus ``num_images``, ``feature_extractor``,
-    ``extractor_id`` (ignored by EDM's and ADM's loaders), atomically."""
+    ``extractor_id`` and, when known, the ``transform`` that made the images (extra keys, ignored by EDM's and ADM's
+    loaders), atomically."""
     path = Path(os.path.expanduser(str(path)))
+    extra = {"transform": np.str_(stats["transform"])} if stats.get("transform") else {}
     with atomic_open(path, "wb") as f:
         np.savez(f, mu=np.asarray(stats["mu"], np.float64), sigma=np.asarray(stats["sigma"], np.float64),
                  num_images=np.int64(stats.get("num_images", -1)),
                  feature_extractor=np.str_(stats.get("feature_extractor", "")),
-                 extractor_id=np.str_(stats.get("extractor_id", "")))
+                 extractor_id=np.str_(stats.get("extractor_id", "")), **extra)
     return path
 
 
@@ -92,7 +137,7 @@ def load_reference_statistics(path: str | os.PathLike) -> dict[str, Any]:
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
                 raise ValueError(f"{p}: mu must be [F] and sigma [F, F], got {mu.shape} and {sigma.shape}")
             out: dict[str, Any] = {"mu": mu, "sigma": sigma, "path": str(p)}
-            for key in ("num_images", "feature_extractor", "extractor_id"):
+            for key in ("num_images", "feature_extractor", "extractor_id", "transform"):
                 if key in files:
                     out[key] = npz[key].item()
             return out
@@ -126,17 +171,38 @@ def check_reference_statistics(stats: Mapping[str, Any], extractor: str, extract
             "data=<dataset> out=<file>`")
 
 
+def check_reference_transform(stats: Mapping[str, Any] | str | os.PathLike, data_cfg: Any) -> None:
+    """Refuse reference statistics (a loaded file or its path) whose recorded ``transform`` differs from the one that
+    made ``data_cfg``'s images (``data.transforms.data_transform``); nothing to check when either is unknown."""
+    if not isinstance(stats, Mapping):
+        p = Path(os.path.expanduser(str(stats)))
+        with np.load(p, allow_pickle=False) as npz:
+            stats = {"path": str(p), **({"transform": npz["transform"].item()} if "transform" in npz.files else {})}
+    recorded = stats.get("transform")
+    current = data_transform(data_cfg) if recorded else None
+    if recorded and current and recorded != current:
+        where = to_plain_dict(data_cfg).get("path")
+        raise ValueError(
+            f"eval.reference_stats {stats.get('path', '')} was computed from images prepared with --transform "
+            f"{recorded}, but this data ({where}) was prepared with --transform {current}: the crops give different "
+            f"pixels and the FID would be biased. Prepare the data with `python -m data.prepare ... --transform "
+            f"{recorded}`, or compute reference statistics of this data: `python evaluate.py ref=true data=<dataset> "
+            "out=<file>`")
+
+
 def compute_reference_statistics(
     reference: Any, *, feature_extractor: str = "auto", eval_cfg: Any = None, data_cfg: Any = None,
     classifier_path: str | None = None, device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """``{"mu", "sigma", "num_images", "feature_extractor", "extractor_id"}`` of a reference image set (as EDM's
-    ``fid.py ref``: every image, float64 statistics)."""
+    """``{"mu", "sigma", "num_images", "feature_extractor", "extractor_id", "transform"}`` of a reference image set (as
+    EDM's ``fid.py ref``: every image, float64 statistics); ``transform`` is the preparation of ``data_cfg``'s
+    training images when ``reference`` is that dataset (None for an image tensor or when unknown)."""
     settings = eval_settings(eval_cfg)
     extractor = extractor_for(feature_extractor, data_cfg, reference)
     _, extractor_id = extractor_weights(extractor, settings, data_cfg, classifier_path)
     feats = extract_features(reference, feature_extractor=extractor, eval_cfg=settings, data_cfg=data_cfg,
                              classifier_path=classifier_path, device=device)
     mu, sigma = feature_statistics(feats)
+    transform = None if isinstance(reference, torch.Tensor) or data_cfg is None else data_transform(data_cfg)
     return {"mu": mu, "sigma": sigma, "num_images": int(feats.shape[0]), "feature_extractor": extractor,
-            "extractor_id": extractor_id}
+            "extractor_id": extractor_id, "transform": transform}

@@ -3,7 +3,9 @@
 - ``samples=<npz | image folder>``: the metrics of given images (``load_samples``) against the training split.
 - ``ckpt=<run dir | checkpoint | .safetensors>``: sample the model (``evaluation/protocol.py``: seeds, repeats,
   baselines, ranks) and compute ``eval.metrics``, the likelihood included (``evaluation/likelihood.py``).
-- ``run_dir=<run or sweep dir>``: FID-vs-kimg curves of every checkpoint (``evaluation/curves.py``).
+- ``run_dir=<run or sweep dir>``: FID-vs-kimg curves of every checkpoint (``evaluation/curves.py``); with
+  ``eval.checkpoints=last`` (``eval=nll``) each run's newest checkpoint as ``ckpt=`` does, into
+  ``<run>/eval-<eval.name>.json``.
 - ``ref=true``: reference statistics of the training split in EDM's format (``evaluation/reference_stats.py``).
 - ``report=<sweep dir | schedules | infonoise>``: the sweep report (``evaluation/report.py``), the schedules figure
   (``evaluation/schedule_figure.py``) or the InfoNoise profiles (``evaluation/infonoise_report.py``).
@@ -34,7 +36,7 @@ from omegaconf import OmegaConf
 
 from configs import jsonable, to_plain_dict
 from data.atomic import atomic_write_text
-from evaluation.curves import find_runs, run_curves, run_name
+from evaluation.curves import CHECKPOINT_CHOICES, find_runs, run_curves, run_last_checkpoints, run_name
 from evaluation.digits_classifier import load_or_train_digits_classifier
 from evaluation.features import resolve_feature_extractor
 from evaluation.infonoise_report import plot_infonoise_profile
@@ -96,6 +98,12 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
     if modes["ref"]:
         return run_reference(cfg, dist_info)
     if modes["run_dir"]:
+        checkpoints = str(settings.get("checkpoints", "all"))
+        if checkpoints not in CHECKPOINT_CHOICES:
+            raise ValueError(f"unknown eval.checkpoints {checkpoints!r}; valid: {', '.join(CHECKPOINT_CHOICES)} (all: "
+                             "a curve of every checkpoint; last: each run's newest, as eval-<eval.name>.json)")
+        if checkpoints == "last":  # each run's newest checkpoint, as ckpt= would (eval=nll)
+            return run_last_checkpoints(cfg, overrides, dist_info, lambda c: run_evaluation(c, overrides, dist_info))
         _preflight_runs(cfg, overrides, settings, dist_info)
         return run_curves(cfg, overrides, dist_info)
     device = _device(cfg, dist_info)
