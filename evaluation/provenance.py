@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,14 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
             "progress": dict(state.get("progress") or {}), "weights": None}
 
 
-def checkpoint_record(info: dict[str, Any], ema: bool) -> dict[str, Any]:
-    """The ``checkpoint`` entry of a result: the file, the training images it had seen, its step, which weights."""
+def checkpoint_record(info: dict[str, Any], ema: Any) -> dict[str, Any]:
+    """The ``checkpoint`` entry of a result: the file, the training images it had seen, its step, which weights
+    (``ema`` / ``net``; ``posthoc-ema`` when ``ema`` describes a post-hoc EMA reconstruction)."""
     progress = info.get("progress") or {}
     nimg = progress.get("cur_nimg")
+    weights = info.get("weights") or ("posthoc-ema" if isinstance(ema, Mapping) else "ema" if ema else "net")
     return {"path": info["path"], "cur_nimg": None if nimg is None else int(nimg),
-            "kimg": None if nimg is None else int(nimg) / 1000, "step": progress.get("step"),
-            "weights": info.get("weights") or ("ema" if ema else "net")}
+            "kimg": None if nimg is None else int(nimg) / 1000, "step": progress.get("step"), "weights": weights}
 
 
 def run_dir_of(path: str | os.PathLike) -> Path:
