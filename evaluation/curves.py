@@ -271,8 +271,9 @@ def _evaluate_checkpoint(item: Mapping[str, Any], ckpt: str, settings: Mapping[s
     nimg = int(re.search(r"(\d+)\.pt$", ckpt).group(1))
     entry = {"run": item["name"], "checkpoint": Path(ckpt).name, "nimg": nimg, "kimg": nimg / 1000,
              "settings_key": item["key"], "metrics": result["metrics"], "num_samples": result["num_samples"],
-             "seeds": result["seeds"], "repeats": [{"seeds": r["seeds"], "metrics": r["metrics"]}
-                                                   for r in result["repeats"]],
+             "seeds": result["seeds"], "nfe": result.get("nfe"), "num_steps": result.get("num_steps"),
+             "repeats": [{"seeds": r["seeds"], "num_samples": r["num_images"], "metrics": r["metrics"]}
+                         for r in result["repeats"]],
              "likelihood": result["likelihood"], "settings": item["settings"],
              "seconds": round(time.time() - t0, 2), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(item["run"] / CURVE_FILE, "a") as f:

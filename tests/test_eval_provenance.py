@@ -105,3 +105,13 @@ def test_ref_and_run_dir_run_on_the_requested_device(run_dir, tmp_path, monkeypa
         with pytest.raises(RuntimeError, match="captured"):
             run_evaluation(compose("evaluate", [*args, "device=meta"]), args)
     assert seen == ["meta", "meta"]
+
+
+def test_curve_points_record_count_seeds_and_nfe(run_dir):
+    """run_dir=: every fid_curve.jsonl line names its checkpoint and images seen, its sample count, seeds and NFE."""
+    _evaluate([f"run_dir={run_dir}", "eval.num_samples=6", "eval.batch=6"])
+    entries = [json.loads(line) for line in (run_dir / "fid_curve.jsonl").read_text().splitlines()]
+    assert [(e["checkpoint"], e["nimg"]) for e in entries] == [("checkpoint-0000001000.pt", 1000),
+                                                                ("checkpoint-0000001234.pt", 1234)]
+    assert all(e["num_samples"] == 6 and e["seeds"] == [0, 5] and e["nfe"] == 7 and e["num_steps"] == 4
+               for e in entries)
