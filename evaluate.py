@@ -11,12 +11,12 @@ this entry point composes the config, sets up torchrun and calls ``evaluation.ru
     python evaluate.py report=<sweep dir> [eval.baseline_run=lognormal] [out=<dir>]   # the papers' tables
     python evaluate.py report=schedules [out=docs/figures]                            # the schedules figure
     python evaluate.py report=infonoise run_dir=<run or sweep> [out=<dir>]            # InfoNoise profiles
+    python evaluate.py ckpt=<run> ema.sigma_rel=0.08 [ema.at_kimg=...]               # a post-hoc EMA length
+    python evaluate.py ema_sweep=<run or sweep dir> ema.sigma_rels=[0.04,0.06,0.08,0.10,0.13]  # FID vs EMA length
 
 Where each part is described:
 
-- the modes and the printed table: ``evaluation/run.py``; what a result JSON records: ``evaluation/run.py``,
-  ``evaluation/provenance.py``;
-- the checks made before any sampling (weights, reference files, data, output): ``evaluation/preflight.py``;
+- the modes and the printed table: ``evaluation/run.py``;
 - the feature extractors (Inception-v3, the digits classifier, ``auto``): ``evaluation/features.py``;
 - the FID formula: ``evaluation/frechet.py``; the metrics and their result keys: ``evaluation/metrics.py``,
   ``evaluation/settings.py``;
@@ -25,7 +25,9 @@ Where each part is described:
   ``evaluation/protocol.py``;
 - the likelihood: ``evaluation/likelihood.py``;
 - curves and the images-to-target table (``run_dir=``): ``evaluation/curves.py``;
-- the sweep report (``report=``): ``evaluation/report.py``.
+- the sweep report (``report=``): ``evaluation/report.py``;
+- post-hoc EMA (``ema.sigma_rel=``, ``ema_sweep=``): ``evaluation/posthoc.py`` (reconstruction:
+  ``training/posthoc_ema.py``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ relations between groups.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,11 +19,20 @@ from configs.model_sizes import canonical_model_config
 # continue a different experiment, so ``config_differences`` reports them.
 RESUME_MUST_MATCH = ("model", "data", "precond", "schedule", "weighting", "seed", "train.batch", "train.lr",
                      "train.betas", "train.eps", "train.weight_decay", "train.label_dropout", "train.ema_halflife_kimg",
-                     "train.ema_rampup_ratio", "train.lr_rampup_kimg", "train.grad_clip")
+                     "train.ema_rampup_ratio", "train.lr_rampup_kimg", "train.grad_clip", "train.lr_schedule",
+                     "train.lr_ref_kimg", "train.ema", "train.ema_sigma_rels")
 
-# Where the data lies, not what it is: never compared on resume, so moving a dataset (to node-local disk, another
-# mount) does not block it. ``config_differences`` also skips any data key whose value embeds data.path.
-LOCATION_KEYS = ("data.path", "data.test_path", "data.prepare_cmd", "data.vae")
+# Keys added after checkpoints were first written: a saved config without them had these values.
+RESUME_DEFAULTS = {"train.lr_schedule": "constant", "train.lr_ref_kimg": None, "train.ema": "halflife"}
+# Keys that only matter under another key's value: (key, the key it depends on, the values that use it).
+_RESUME_ONLY_WHEN = (("train.lr_ref_kimg", "train.lr_schedule", ("edm2_inv_sqrt",)),
+                     ("train.ema_sigma_rels", "train.ema", ("power",)),
+                     ("train.ema_halflife_kimg", "train.ema", ("halflife",)),
+                     ("train.ema_rampup_ratio", "train.ema", ("halflife",)))
+LR_SCHEDULES = ("constant", "edm2_inv_sqrt")
+EMA_KINDS = ("halflife", "power")
+SNAPSHOT_DTYPES = ("fp16", "bf16", "fp32")
+NONFINITE_MODES = ("stop", "skip", "zero")
 
 
 VALID_METRICS = ("fid", "isc", "kid", "prc", "nll")
@@ -81,6 +89,7 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
     _positive_number(cfg, "train.grad_clip", allow_null=True)
     _positive_number(cfg, "train.ema_halflife_kimg", allow_zero=True)
     _positive_number(cfg, "train.ema_rampup_ratio", allow_null=True)
+    _validate_edm2_train_keys(cfg)
     p = t.label_dropout
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "train.label_dropout", f"must be in [0, 1), got {p!r}")
     _require(p == 0 or bool(cfg.data.get("cond", False)), "train.label_dropout",
@@ -114,6 +123,47 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
              f"must be null, 'auto' or a path to a checkpoint / run directory, got {resume!r}")
 
 
+def _validate_edm2_train_keys(cfg: Any) -> None:
+    """The learning-rate schedule, the EMA kind and its post-hoc keys, and the non-finite mode."""
+    t = cfg.train
+    schedule = t.get("lr_schedule", "constant")
+    _require(schedule in LR_SCHEDULES, "train.lr_schedule",
+             f"unknown schedule {schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}")
+    if schedule == "edm2_inv_sqrt":
+        _require(t.get("lr_ref_kimg") is not None, "train.lr_ref_kimg",
+                 "train.lr_schedule=edm2_inv_sqrt needs t_ref in kimg (EDM2: decay batches x batch / 1000, "
+                 "e.g. 143360 at img512)")
+        _positive_number(cfg, "train.lr_ref_kimg")
+    kind = t.get("ema", "halflife")
+    _require(kind in EMA_KINDS, "train.ema", f"unknown EMA {kind!r}; valid choices: {', '.join(EMA_KINDS)}")
+    if kind == "power":
+        rels = t.get("ema_sigma_rels")
+        ok = rels is not None and len(rels) > 0 and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 0.3003 for s in rels)
+        _require(ok and len(set(rels)) == len(rels), "train.ema_sigma_rels",
+                 f"must be a list of distinct σ_rel in (0, 0.3003) (EDM2: [0.05, 0.10]), got {rels!r}")
+        _positive_number(cfg, "train.ema_snapshot_kimg", allow_zero=True)
+        dtype = t.get("ema_snapshot_dtype", "fp16")
+        _require(dtype in SNAPSHOT_DTYPES, "train.ema_snapshot_dtype",
+                 f"must be one of {', '.join(SNAPSHOT_DTYPES)}, got {dtype!r}")
+    mode = t.get("nonfinite", "stop")
+    _require(mode in NONFINITE_MODES, "train.nonfinite",
+             f"must be one of {', '.join(NONFINITE_MODES)}, got {mode!r}")
+    target = (cfg.weighting.get("target") or {}) if cfg.weighting.name == "importance" else {}
+    _require(target.get("name") != "edm2_uncertainty", "weighting.target",
+             "edm2_uncertainty is a learned weight, not a target to reweight; use weighting=edm2_uncertainty")
+
+
+def _resume_view(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config as resuming compares it: keys added later take their old default when absent, and keys
+    that the config does not use (``train.lr_ref_kimg`` without the inverse-sqrt decay, ...) are left out."""
+    view = {**{k: v for k, v in RESUME_DEFAULTS.items() if k not in flat}, **flat}
+    for key, parent, values in _RESUME_ONLY_WHEN:
+        if view.get(parent, RESUME_DEFAULTS.get(parent)) not in values:
+            view = {k: v for k, v in view.items() if not (k == key or k.startswith(key + "."))}
+    return view
+
+
 def _with_canonical_model(cfg: Any) -> Any:
     """``cfg`` with its model config in the canonical spelling (``configs.model_sizes.canonical_model_config``)."""
     plain = to_plain_dict(cfg)
@@ -122,33 +172,18 @@ def _with_canonical_model(cfg: Any) -> Any:
     return plain
 
 
-def location_keys(*flat_configs: Mapping[str, Any]) -> set[str]:
-    """The flattened ``data.*`` keys that say where data lies rather than what it is: ``LOCATION_KEYS`` and every
-    ``data.*`` string that embeds a config's ``data.path`` as a whole word (a resolved ``prepare_cmd`` such as
-    ``... --dest /scratch/imagenet-64x64``)."""
-    keys = set(LOCATION_KEYS)
-    for flat in flat_configs:
-        path = flat.get("data.path")
-        if not isinstance(path, str) or not path or path == "???":
-            continue
-        word = re.compile(r"(?:^|[\s='\"])" + re.escape(path) + r"(?:$|[\s'\"/])")
-        keys |= {k for k, v in flat.items() if k.startswith("data.") and isinstance(v, str) and word.search(v)}
-    return keys
-
-
 def config_differences(saved: dict, current: dict, fields: tuple[str, ...] = RESUME_MUST_MATCH,
-                       ignore: tuple[str, ...] = LOCATION_KEYS) -> list[str]:
+                       ignore: tuple[str, ...] = ("data.path",)) -> list[str]:
     """Human-readable 'field: saved -> current' lines for the ``fields`` (and their sub-keys) that differ.
 
     Model configs are compared in their canonical spelling, so a DiT saved with explicit depth / hidden_size /
-    num_heads matches the same network selected by ``size``. Where the data lies is not compared (``ignore`` and
-    ``location_keys``): a run resumes after its dataset moved, e.g. to node-local disk.
+    num_heads matches the same network selected by ``size``.
     """
-    flat_saved, flat_current = flatten(_with_canonical_model(saved)), flatten(_with_canonical_model(current))
-    skip = set(ignore) | location_keys(flat_saved, flat_current)
+    flat_saved = _resume_view(flatten(_with_canonical_model(saved)))
+    flat_current = _resume_view(flatten(_with_canonical_model(current)))
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_current)):
-        if not any(key == f or key.startswith(f + ".") for f in fields) or key in skip:
+        if not any(key == f or key.startswith(f + ".") for f in fields) or key in ignore:
             continue
         a, b = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
         if a != b:

@@ -6,6 +6,9 @@ For a batch of clean data y (model space) the loss is, per sample i,
     x_i = y_i + σ_i·n_i,   n_i ~ N(0, I)
     loss_i = w(σ_i)·‖D(x_i; σ_i) − y_i‖²      (summed over pixels, as EDM's training loop reduces it)
 
+(a learned weighting adds its own term: ``LossWeighting.weighted_loss``, e.g. EDM2's + d·u(σ_i), in
+``diffusion.weighting``).
+
 Next to the weighted loss it returns the per-sample *unweighted* error mse_i = ‖D(x_i; σ_i) − y_i‖², computed from D
 and y directly (never by dividing the weighted loss by w, which is ill-conditioned at small σ): an adaptive schedule
 (InfoNoise) estimates the MMSE profile from it, with no extra forward pass.
@@ -55,5 +58,5 @@ class DenoisingLoss:
         noisy = images + noise.to(images.dtype) * sigma.reshape(-1, 1, 1, 1)
         denoised = denoiser(noisy, sigma, class_labels=class_labels, augment_labels=augment_labels)
         sq_err = (denoised - images).square().flatten(1).sum(dim=1)
-        weight = self.weighting(sigma)
-        return LossOutput(loss=weight * sq_err, mse=sq_err.detach(), sigma=sigma)
+        loss = self.weighting.weighted_loss(sigma, sq_err, images[0].numel())
+        return LossOutput(loss=loss, mse=sq_err.detach(), sigma=sigma)

@@ -23,6 +23,7 @@ compare).
 | min_snr       | min(SNR, γ), γ = 5                          | Min-SNR-γ (Hang et al. 2023, Eq. 9)                 |
 | soft_min_snr  | 1/(1/SNR + 1/γ) = 1/(σ² + 1/γ), γ = 1/σ_d²   | Crowson et al. 2024 (HDiT / k-diffusion)            |
 | importance    | w_target(σ)·q(σ)/p(σ)                      | Hang et al. 2024 / Kingma & Gao 2023, see below     |
+| edm2_uncertainty | λ_edm(σ)/e^{u(σ)}, u learned (+ u in the loss) | Karras et al. 2024 (EDM2), see below          |
 
 Min-SNR-γ is written for each target in its own paper (min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v); in x₀
 space all of these are min(SNR, γ). Soft-min-SNR is k-diffusion's ``soft-min-snr`` c_weight = (σσ_d)²/(σ² + σ_d²)²
@@ -40,6 +41,20 @@ and the *sampling* schedule p is the run's training schedule, attached after bot
 either is respected). So ``schedule=laplace weighting=importance`` trains with Laplace's σ draws but EDM's expected
 objective (lognormal + edm weight), and ``schedule=lognormal weighting=importance weighting.reference=...`` moves a
 density into the weight. The ratio has finite variance only where p's tails are at least as heavy as q's.
+
+**Learned uncertainty (EDM2).** Karras et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion
+Models", arXiv 2312.02696, Sec. 2, config B, after Kendall et al. 2018's multi-task uncertainty weighting) train a
+small function u(σ) jointly with the network and minimise, per element of D − y,
+
+    (λ(σ)/e^{u(σ)})·(D − y)² + u(σ),      λ = EDM's weight,
+
+i.e. per sample (summed over its d elements, as everywhere here) λ/e^u·‖D − y‖² + d·u. For a fixed per-σ error
+e = E‖D − y‖²/d the optimum is u*(σ) = ln(λ(σ)·e(σ)) (set the derivative −λe^{−u}·d·e + d to zero), where the
+effective weight λ/e^{u*} = 1/e(σ) equalises the loss over σ: an *adaptive weighting*, the counterpart of an adaptive
+training distribution such as InfoNoise, and combinable with it (InfoNoise divides by the current effective weight
+λ/e^u). ``weighting=edm2_uncertainty`` takes the u-module from the trainer (``training.denoiser.build_uncertainty``:
+EDM2's head, an MP-Fourier embedding of c_noise = ¼ ln σ and one linear layer; ``diffusion/`` does not build
+networks) and evaluates u(σ) = module(ln σ / 4). With u ≡ 0 the loss is EDM's.
 """
 
 from __future__ import annotations
@@ -61,6 +76,11 @@ class LossWeighting:
 
     def __call__(self, sigma: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def weighted_loss(self, sigma: Tensor, sq_err: Tensor, num_dims: int) -> Tensor:
+        """The per-sample training loss from the per-sample ‖D − y‖² (summed over its ``num_dims`` elements):
+        w(σ)·‖D − y‖² here; a learned weighting (``edm2_uncertainty``) adds its own term."""
+        return self(sigma) * sq_err
 
     def attach_schedule(self, schedule: Any) -> None:
         """Tell the weighting which schedule the training σ are drawn from (used by ``importance``; no-op here).
@@ -177,6 +197,9 @@ class ImportanceWeighting(LossWeighting):
         self.target = build_weighting(target, **context)
         if isinstance(self.target, ImportanceWeighting):
             raise ValueError("weighting=importance: weighting.target cannot itself be 'importance'")
+        if isinstance(self.target, EDM2UncertaintyWeighting):
+            raise ValueError("weighting=importance: weighting.target cannot be 'edm2_uncertainty' (a learned weight "
+                             "has no fixed target to reweight); use weighting=edm2_uncertainty directly")
         self.reference = build_schedule(reference, **context)
         self._sampling = None
 
@@ -206,6 +229,47 @@ class ImportanceWeighting(LossWeighting):
         return f"ImportanceWeighting(target={self.target!r}, reference={self.reference!r}, sampling={sampling})"
 
 
+class EDM2UncertaintyWeighting(LossWeighting):
+    """EDM2's learned uncertainty weighting (module docstring): loss = λ(σ)/e^{u(σ)}·‖D − y‖² + d·u(σ).
+
+    ``uncertainty`` maps c_noise = ln σ / 4 to u, shape [N] (``models.edm2.EDM2LogVar``, built and trained by the
+    trainer, which passes it here); ``channels`` is the size of that module's Fourier embedding (EDM2: 128), read by
+    the trainer. ``__call__`` gives the current effective weight λ/e^u, without gradient (what InfoNoise divides by).
+    """
+
+    name = "edm2_uncertainty"
+
+    def __init__(self, sigma_data: float = 0.5, channels: int = 128, uncertainty: Any = None):
+        self.edm = EDMWeighting(sigma_data)
+        if not (isinstance(channels, int) and channels > 0):
+            raise ValueError(f"weighting=edm2_uncertainty: channels must be a positive integer, got {channels!r}")
+        self.channels = channels
+        self._uncertainty = uncertainty
+
+    @property
+    def uncertainty(self) -> Any:
+        return self._uncertainty
+
+    def log_variance(self, sigma: Tensor) -> Tensor:
+        """u(σ), shape [N], with gradient to the u-module's parameters."""
+        if self._uncertainty is None:
+            raise RuntimeError("weighting=edm2_uncertainty needs its learned u(σ) module: the trainer builds it "
+                               "(training.denoiser.build_uncertainty) and passes it as uncertainty=")
+        return self._uncertainty(sigma.log() / 4.0).reshape(sigma.shape)
+
+    def __call__(self, sigma: Tensor) -> Tensor:
+        with torch.no_grad():
+            u = self.log_variance(sigma)
+        return self.edm(sigma) * torch.exp(-u.to(sigma.dtype))
+
+    def weighted_loss(self, sigma: Tensor, sq_err: Tensor, num_dims: int) -> Tensor:
+        u = self.log_variance(sigma).to(sq_err.dtype)
+        return self.edm(sigma).to(sq_err.dtype) * torch.exp(-u) * sq_err + num_dims * u
+
+    def __repr__(self) -> str:
+        return f"EDM2UncertaintyWeighting(sigma_data={self.edm.sigma_data}, channels={self.channels})"
+
+
 WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "edm": EDMWeighting,
     "eps_mse": EpsMSEWeighting,
@@ -215,6 +279,7 @@ WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "min_snr": MinSNRWeighting,
     "soft_min_snr": SoftMinSNRWeighting,
     "importance": ImportanceWeighting,
+    "edm2_uncertainty": EDM2UncertaintyWeighting,
 }
 
 

@@ -32,8 +32,11 @@ def test_every_option_composes_and_builds(group, option):
     elif group == "weighting":
         from diffusion.schedules import build_schedule
         from diffusion.weighting import build_weighting
+        from training.denoiser import build_uncertainty
 
-        weighting = build_weighting(cfg.weighting, img_resolution=32, sigma_data=0.5)
+        # A learned weighting (edm2_uncertainty) gets its u(σ) module from the trainer; the others take none.
+        weighting = build_weighting(cfg.weighting, img_resolution=32, sigma_data=0.5,
+                                    uncertainty=build_uncertainty(cfg))
         weighting.attach_schedule(build_schedule(cfg.schedule))
         w = weighting(torch.tensor([0.002, 1.0, 80.0]))
         assert torch.isfinite(w).all() and (w > 0).all()

@@ -21,6 +21,7 @@ from scipy import integrate, stats
 
 from diffusion.schedules import build_schedule
 from diffusion.weighting import WEIGHTINGS, ImportanceWeighting, build_weighting
+from training.denoiser import build_uncertainty
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -223,7 +224,8 @@ def test_weighting_configs_build(path):
     # The configs interpolate ${precond.sigma_data}; resolve them inside a minimal run config.
     run = OmegaConf.create({"precond": {"name": "edm", "sigma_data": 0.5}, "weighting": OmegaConf.load(path)})
     assert run.weighting.name == path.stem and run.weighting.name in WEIGHTINGS
-    w = build_weighting(run.weighting, img_resolution=32)
+    # A learned weighting (edm2_uncertainty) takes its u(σ) network from the trainer's builder; the others none.
+    w = build_weighting(run.weighting, img_resolution=32, uncertainty=build_uncertainty(run))
     w.attach_schedule(build_schedule({"name": "lognormal"}))
     values = w(SIGMAS)
     assert torch.isfinite(values).all() and bool((values > 0).all())

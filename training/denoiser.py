@@ -1,4 +1,5 @@
-"""Building a denoiser from a run config: the network of ``models`` wrapped in the preconditioning of ``diffusion``.
+"""Building a denoiser from a run config: the network of ``models`` wrapped in the preconditioning of ``diffusion``
+(and, for ``weighting=edm2_uncertainty``, the small learned u(σ) network the loss weighting uses).
 
 This is where the two layers meet (Karras et al. 2022, arXiv 2206.00364, Sec. 5 and Table 1: D = c_skip·x +
 c_out·F(c_in·x; c_noise)): ``models`` knows nothing of σ and ``diffusion.preconditioning`` wraps whatever network it
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from diffusion.preconditioning import Preconditioner, build_preconditioner
 from models import build_network
+from models.edm2 import EDM2LogVar
 
 
 def build_denoiser(cfg: Any, img_resolution: int, img_channels: int, label_dim: int = 0,
@@ -26,3 +30,14 @@ def build_denoiser(cfg: Any, img_resolution: int, img_channels: int, label_dim: 
     denoiser.label_dim = int(label_dim)
     denoiser.augment_dim = int(augment_dim)
     return denoiser
+
+
+def build_uncertainty(cfg: Any) -> nn.Module | None:
+    """The learned u(σ) of ``weighting=edm2_uncertainty`` (EDM2's head, ``models.edm2.EDM2LogVar`` with
+    ``weighting.channels`` Fourier features; Karras et al. 2024, arXiv 2312.02696, Sec. 2, config B), freshly
+    initialised; None for every other weighting. The trainer optimises it with the denoiser and hands it to the
+    weighting (``diffusion.weighting.EDM2UncertaintyWeighting``), which feeds it c_noise = ln σ / 4."""
+    weighting = cfg.weighting if hasattr(cfg, "weighting") else cfg["weighting"]
+    if weighting.get("name") != "edm2_uncertainty":
+        return None
+    return EDM2LogVar(int(weighting.get("channels", 128)))

@@ -7,6 +7,7 @@ mixed precision, and naming the images of a step that went non-finite.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,10 +20,35 @@ from data.order import epoch_permutation
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+LR_SCHEDULES = ("constant", "edm2_inv_sqrt")
+
+
 def learning_rate(train_cfg: Any, cur_nimg: int) -> float:
-    """``train.lr``, ramped up linearly over the first ``train.lr_rampup_kimg`` (none when that is 0)."""
+    """``train.lr``, ramped up linearly over the first ``train.lr_rampup_kimg`` (none when that is 0).
+
+    ``train.lr_schedule=edm2_inv_sqrt`` also decays it as EDM2 (Karras et al. 2024, arXiv 2312.02696, Sec. 2,
+    config B): lr = train.lr / √max(t / t_ref, 1), t the images seen and t_ref = ``train.lr_ref_kimg`` (EDM2's
+    "decay" in batches times the batch: 70k x 2048 images at img512, 35k x 2048 at img64), times the same warm-up.
+    A pure function of the images seen, so a resumed run continues it exactly."""
     t = train_cfg
-    return t.lr * (min(cur_nimg / (t.lr_rampup_kimg * 1000.0), 1.0) if t.lr_rampup_kimg > 0 else 1.0)
+    lr = t.lr
+    if t.get("lr_schedule", "constant") == "edm2_inv_sqrt":
+        lr = lr / math.sqrt(max(cur_nimg / (t.lr_ref_kimg * 1000.0), 1.0))
+    return lr * (min(cur_nimg / (t.lr_rampup_kimg * 1000.0), 1.0) if t.lr_rampup_kimg > 0 else 1.0)
+
+
+NONFINITE_MODES = ("stop", "skip", "zero")
+
+
+@torch.no_grad()
+def zero_nonfinite_gradients(parameters: Iterator[torch.Tensor]) -> None:
+    """``train.nonfinite=zero``, what EDM2's training code does (Karras et al. 2024, arXiv 2312.02696): every NaN or
+    ±inf gradient element becomes 0 and the step is taken; in place, on the device, no host synchronisation."""
+    for p in parameters:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

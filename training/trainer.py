@@ -14,10 +14,8 @@ optimizer, schedule state and every RNG state (``training.rng``). SIGTERM / SIGU
 checkpoint and exit with status 0 (``training.run_dir``).
 
 Evaluation sits above training, so what needs it comes in as hooks from the entry point (``train.py``):
-``evaluate_fn`` (periodic evaluation of the EMA model, ``eval.every_kimg``), ``preflight`` (the check, at start-up,
-that this evaluation can run: weights, reference files, data) and ``plot_profile`` (the figure of an adaptive
-schedule's learned profile at the end of a run). A failing preflight stops the run before its first step; an
-evaluation that fails later is logged (``eval/error`` in metrics.jsonl and wandb, with the kimg) and training goes on.
+``evaluate_fn`` (periodic evaluation of the EMA model, ``eval.every_kimg``) and ``plot_profile`` (the figure of an
+adaptive schedule's learned profile at the end of a run).
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ from training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from training.denoiser import build_denoiser
+from training.denoiser import build_denoiser, build_uncertainty
 from training.distributed import (
     DistInfo,
     all_gather_object,
@@ -61,12 +59,21 @@ from training.distributed import (
     broadcast_object,
     init_distributed,
 )
-from training.ema import EMA
 from training.generate import generate_images, save_grid
 from training.logger import RunLogger, TickMeter
+from training.posthoc_ema import build_ema
 from training.rng import capture_rng_state, restore_rng_state
 from training.run_dir import StopSignals, requeue_slurm_job, resolve_run_dir
-from training.step import PRECISIONS, autocast, batch_indices, learning_rate, micro_batch, non_finite_message
+from training.step import (
+    NONFINITE_MODES,
+    PRECISIONS,
+    autocast,
+    batch_indices,
+    learning_rate,
+    micro_batch,
+    non_finite_message,
+    zero_nonfinite_gradients,
+)
 
 log = logging.getLogger("sigmalab.train")
 
@@ -76,8 +83,6 @@ _CONV_ARCHS = ("songunet", "dhariwalunet")
 EvaluateFn = Callable[[torch.nn.Module, Any, Any, torch.device, float], dict[str, Any]]
 # plot_profile(run_dir) -> the path of the figure written
 PlotProfileFn = Callable[[Path], Path]
-# preflight(cfg, dataset) -> anything; raises when the evaluation of eval.every_kimg cannot run
-PreflightFn = Callable[[Any, Any], Any]
 
 
 def interval_due(prev_nimg: int, cur_nimg: int, every_kimg: float | None) -> bool:
@@ -138,17 +143,15 @@ class _Run:
 class Trainer:
     """One training run: builds everything from ``cfg``, resumes, loops, checkpoints.
 
-    ``evaluate_fn`` is called on rank 0 every ``eval.every_kimg`` with the EMA model (required when that is set),
-    ``preflight`` on rank 0 when a run starts (with ``eval.every_kimg``); ``plot_profile`` at the end of a finished
-    run whose schedule has a learned profile (InfoNoise).
+    ``evaluate_fn`` is called on rank 0 every ``eval.every_kimg`` with the EMA model (required when that is set);
+    ``plot_profile`` at the end of a finished run whose schedule has a learned profile (InfoNoise).
     """
 
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, *, evaluate_fn: EvaluateFn | None = None,
-                 plot_profile: PlotProfileFn | None = None, preflight: PreflightFn | None = None):
+                 plot_profile: PlotProfileFn | None = None):
         self.cfg, self.dist = cfg, dist_info
         self.device, self.rank, self.world = dist_info.device, dist_info.rank, dist_info.world_size
         self.evaluate_fn, self.plot_profile = evaluate_fn, plot_profile
-        self.preflight = preflight
         self._check_config()
         _setup_backends(cfg, self.device)
         self._build_data()
@@ -172,8 +175,8 @@ class Trainer:
         validate_train_config(self.cfg, world_size=self.world)
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-        if t.nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"train.nonfinite: must be 'stop' or 'skip', got {t.nonfinite!r}")
+        if t.nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"train.nonfinite: must be one of {', '.join(NONFINITE_MODES)}, got {t.nonfinite!r}")
         every = self.cfg.eval.get("every_kimg")
         if every and self.evaluate_fn is None:
             raise ConfigError(f"eval.every_kimg={every} asks for evaluation during training, but no evaluation hook "
@@ -199,8 +202,12 @@ class Trainer:
     def _build_objective(self) -> None:
         """The loss weighting, the training noise schedule and the denoising loss built from them."""
         cfg = self.cfg
+        # weighting=edm2_uncertainty: the learned u(σ), trained with the denoiser (None for the fixed weightings).
+        self.uncertainty = build_uncertainty(cfg)
+        if self.uncertainty is not None:
+            self.uncertainty.to(self.device)
         self.weighting = build_weighting(cfg.weighting, img_resolution=self.dataset.resolution,
-                                         sigma_data=cfg.precond.sigma_data)
+                                         sigma_data=cfg.precond.sigma_data, uncertainty=self.uncertainty)
         self.total_nimg = int(round(cfg.train.total_kimg * 1000))
         self.schedule = build_schedule(cfg.schedule, weighting=self.weighting, img_resolution=self.dataset.resolution,
                                        sigma_data=cfg.precond.sigma_data, total_nimg=self.total_nimg,
@@ -225,9 +232,9 @@ class Trainer:
     def build_optimisation(self) -> None:
         """The EMA, the optimizer, the loss scaler, the (DDP-wrapped, compiled) model and the noise generator."""
         t = self.cfg.train
-        self.ema = EMA(self.denoiser, halflife_kimg=t.ema_halflife_kimg, rampup_ratio=t.ema_rampup_ratio)
+        self.ema = build_ema(self.denoiser, t)  # train.ema: halflife (EDM) | power (EDM2, training.posthoc_ema)
         fused = (t.fused_adam is True or (t.fused_adam == "auto" and self.device.type == "cuda")) or None
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+        self.optimizer = torch.optim.Adam(self.trained_parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                           weight_decay=t.weight_decay, fused=fused)
         self.autocast_dtype = PRECISIONS[t.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -238,6 +245,11 @@ class Trainer:
         self.forward = torch.compile(self.model) if t.compile else self.model
         # The global-batch noise stream (same seed on every rank); dropout and augmentation use the per-rank RNG.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer trains: the denoiser's parameters, then the learned u(σ)'s (edm2_uncertainty)."""
+        extra = [] if self.uncertainty is None else list(self.uncertainty.parameters())
+        return list(self.denoiser.parameters()) + extra
 
     def data_stream(self) -> Iterator:
         """This rank's (images, labels) micro-batches, continuing the run's data order from ``cur_nimg``."""
@@ -290,12 +302,20 @@ class Trainer:
             mse_sum += out.mse.sum().double()
             sigmas.append(out.sigma.detach())
 
+        if self.dist.distributed and self.uncertainty is not None:  # DDP averages only the denoiser's gradients
+            for p in self.uncertainty.parameters():
+                if p.grad is not None:
+                    all_reduce_sum(p.grad).div_(self.world)
         # Non-finite check on the global loss and the (already all-reduced) gradient norm: every rank decides alike.
         self.scaler.unscale_(self.optimizer)
+        params = self.trained_parameters()
+        if t.nonfinite == "zero":  # EDM2: NaN/inf gradient elements become 0, the step is taken (no host sync)
+            zero_nonfinite_gradients(params)
         max_norm = t.grad_clip if t.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         global_loss = all_reduce_sum(loss_sum.clone())
-        finite = bool(torch.isfinite(global_loss)) and (t.precision == "fp16" or bool(torch.isfinite(grad_norm)))
+        finite = t.nonfinite == "zero" or (
+            bool(torch.isfinite(global_loss)) and (t.precision == "fp16" or bool(torch.isfinite(grad_norm))))
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -333,13 +353,11 @@ class Trainer:
         if self.dist.is_main:
             path = save_checkpoint(run_dir / "checkpoints" / checkpoint_name(self.cur_nimg), {
                 "config": resolved,
-                "geometry": {"img_resolution": self.dataset.resolution, "img_channels": self.dataset.num_channels,
-                             "label_dim": self.label_dim, "augment_dim": self.augment_dim,
-                             "latent_info": getattr(self.dataset, "latent_info", None)},
+                "geometry": self._geometry(),
                 "progress": {"cur_nimg": self.cur_nimg, "step": self.step, "skipped_steps": self.skipped_steps},
                 "net": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "schedule": schedule_states, "rng": rng_states,
+                "schedule": schedule_states, "rng": rng_states, **self._optional_entries(),
             })
             keep_every = self.cfg.train.keep_every_kimg
             prune_checkpoints(run_dir, self.cfg.train.keep_checkpoints,
@@ -348,6 +366,29 @@ class Trainer:
             if final:
                 export_safetensors(path, run_dir / "ema.safetensors", ema=True)
         barrier()
+
+    def _geometry(self) -> dict[str, Any]:
+        return {"img_resolution": self.dataset.resolution, "img_channels": self.dataset.num_channels,
+                "label_dim": self.label_dim, "augment_dim": self.augment_dim,
+                "latent_info": getattr(self.dataset, "latent_info", None)}
+
+    def _optional_entries(self) -> dict[str, Any]:
+        """Checkpoint entries only some runs have: ``ema_power`` (train.ema=power: the profiles after the first)
+        and ``uncertainty`` (weighting=edm2_uncertainty: the learned u(σ))."""
+        entries: dict[str, Any] = {}
+        if hasattr(self.ema, "extra_state"):
+            entries["ema_power"] = self.ema.extra_state()
+        if self.uncertainty is not None:
+            entries["uncertainty"] = self.uncertainty.state_dict()
+        return entries
+
+    def _save_ema_snapshots(self, run_dir: Path, resolved: dict) -> None:
+        """train.ema=power: low-precision snapshots of every EMA profile (rank 0), for post-hoc EMA."""
+        if self.dist.is_main and hasattr(self.ema, "save_snapshots"):
+            t = self.cfg.train
+            paths = self.ema.save_snapshots(run_dir, self.cur_nimg, self.step, self.batch, t.ema_snapshot_dtype,
+                                            resolved, self._geometry())
+            log.info("EMA snapshots at %.1f kimg: %s", self.cur_nimg / 1000, ", ".join(p.name for p in paths))
 
     def _resume(self, run_dir: Path, resolved: dict) -> None:
         """Continue from ``resume`` (auto: the newest checkpoint of ``run_dir``, if any) when its config matches."""
@@ -371,6 +412,10 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.denoiser.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
+        if hasattr(self.ema, "load_extra_state"):
+            self.ema.load_extra_state(state["ema_power"])
+        if self.uncertainty is not None:
+            self.uncertainty.load_state_dict(state["uncertainty"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -393,34 +438,10 @@ class Trainer:
 
     # --- grids, evaluation, reports ----------------------------------------------------------------------------------
 
-    def _preflight_evaluation(self) -> None:
-        """With ``eval.every_kimg``: the ``preflight`` hook on rank 0, before the first step; if it fails, every rank
-        stops with its message."""
-        if not self.cfg.eval.get("every_kimg") or self.preflight is None:
-            return
-        failure = None
-        if self.dist.is_main:
-            try:
-                self.preflight(self.cfg, self.dataset)
-            except Exception as err:  # noqa: BLE001 - reported on every rank below
-                failure = f"{type(err).__name__}: {err}"
-        failure = broadcast_object(failure)
-        if failure is not None:
-            raise ConfigError(f"eval.every_kimg={self.cfg.eval.every_kimg}: the evaluation during training cannot "
-                              f"run ({failure}); fix that, or set eval.every_kimg=null")
-
     def _evaluate(self, logger: RunLogger) -> None:
-        """Periodic evaluation of the EMA model (``eval.every_kimg``) on rank 0, logged as ``eval/<metric>``. An error
-        is logged instead (``eval/error`` with the kimg; the traceback in train.log) and training goes on."""
+        """Periodic evaluation of the EMA model (``eval.every_kimg``) on rank 0, logged as ``eval/<metric>``."""
         if self.dist.is_main:
-            kimg = self.cur_nimg / 1000
-            try:
-                record = self.evaluate_fn(self.ema.model, self.cfg, self.dataset, self.device, kimg)
-            except Exception as err:  # noqa: BLE001 - a failed evaluation must not end the training run
-                log.warning("evaluation at %.1f kimg failed; training goes on", kimg, exc_info=True)
-                record = {"kimg": kimg, "eval/error": f"{type(err).__name__}: {err}"}
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            record = self.evaluate_fn(self.ema.model, self.cfg, self.dataset, self.device, self.cur_nimg / 1000)
             logger.log({"step": self.step, **record})
             log.info("kimg %9.1f | %s", self.cur_nimg / 1000,
                      " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/")
@@ -459,7 +480,6 @@ class Trainer:
         """Train until ``train.total_kimg`` (or a stop signal), resuming per ``resume``; returns ``run_dir``."""
         cfg = self.cfg
         resolved = to_plain_dict(cfg)
-        self._preflight_evaluation()
         self.build_optimisation()
         torch.manual_seed(cfg.seed + self.rank)  # per-rank noise streams (replaced by the checkpoint's on resume)
         self._resume(run_dir, resolved)
@@ -533,6 +553,9 @@ class Trainer:
             self._snapshot_grid(run.run_dir / "samples" / f"grid-{self.cur_nimg // 1000:06d}kimg.png")
         if interval_due(prev_nimg, self.cur_nimg, self.cfg.eval.get("every_kimg")):
             self._evaluate(run.logger)
+        # Before the checkpoint: a checkpoint at n images implies every EMA snapshot up to n was written.
+        if done or interval_due(prev_nimg, self.cur_nimg, t.get("ema_snapshot_kimg")):
+            self._save_ema_snapshots(run.run_dir, run.resolved)
         if done or stop or interval_due(prev_nimg, self.cur_nimg, t.checkpoint_kimg):
             self._save(run.run_dir, run.resolved, final=done)
 
@@ -572,13 +595,12 @@ def print_summary(trainer: Trainer) -> None:
 
 
 def train(cfg: DictConfig, dist_info: DistInfo | None = None, *, evaluate_fn: EvaluateFn | None = None,
-          plot_profile: PlotProfileFn | None = None, preflight: PreflightFn | None = None) -> Path | None:
+          plot_profile: PlotProfileFn | None = None) -> Path | None:
     """Run (or resume) the training job described by ``cfg``; returns the run directory (None for dry runs).
 
-    ``evaluate_fn``, ``preflight`` and ``plot_profile`` are the Trainer's evaluation hooks (``train.py`` passes
-    evaluation's)."""
+    ``evaluate_fn`` and ``plot_profile`` are the Trainer's evaluation hooks (``train.py`` passes evaluation's)."""
     dist_info = dist_info or init_distributed(cfg.device)
-    trainer = Trainer(cfg, dist_info, evaluate_fn=evaluate_fn, plot_profile=plot_profile, preflight=preflight)
+    trainer = Trainer(cfg, dist_info, evaluate_fn=evaluate_fn, plot_profile=plot_profile)
     if cfg.dry_run:
         if dist_info.is_main:
             print_summary(trainer)
