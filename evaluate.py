@@ -16,7 +16,9 @@ this entry point composes the config, sets up torchrun and calls ``evaluation.ru
 
 Where each part is described:
 
-- the modes and the printed table: ``evaluation/run.py``;
+- the modes and the printed table: ``evaluation/run.py``; what a result JSON records: ``evaluation/run.py``,
+  ``evaluation/provenance.py``;
+- the checks made before any sampling (weights, reference files, data, output): ``evaluation/preflight.py``;
 - the feature extractors (Inception-v3, the digits classifier, ``auto``): ``evaluation/features.py``;
 - the FID formula: ``evaluation/frechet.py``; the metrics and their result keys: ``evaluation/metrics.py``,
   ``evaluation/settings.py``;

@@ -9,6 +9,7 @@ relations between groups.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,10 @@ LR_SCHEDULES = ("constant", "edm2_inv_sqrt")
 EMA_KINDS = ("halflife", "power")
 SNAPSHOT_DTYPES = ("fp16", "bf16", "fp32")
 NONFINITE_MODES = ("stop", "skip", "zero")
+
+# Where the data lies, not what it is: never compared on resume, so moving a dataset (to node-local disk, another
+# mount) does not block it. ``config_differences`` also skips any data key whose value embeds data.path.
+LOCATION_KEYS = ("data.path", "data.test_path", "data.prepare_cmd", "data.vae")
 
 
 VALID_METRICS = ("fid", "isc", "kid", "prc", "nll")
@@ -172,18 +177,34 @@ def _with_canonical_model(cfg: Any) -> Any:
     return plain
 
 
+def location_keys(*flat_configs: Mapping[str, Any]) -> set[str]:
+    """The flattened ``data.*`` keys that say where data lies rather than what it is: ``LOCATION_KEYS`` and every
+    ``data.*`` string that embeds a config's ``data.path`` as a whole word (a resolved ``prepare_cmd`` such as
+    ``... --dest /scratch/imagenet-64x64``)."""
+    keys = set(LOCATION_KEYS)
+    for flat in flat_configs:
+        path = flat.get("data.path")
+        if not isinstance(path, str) or not path or path == "???":
+            continue
+        word = re.compile(r"(?:^|[\s='\"])" + re.escape(path) + r"(?:$|[\s'\"/])")
+        keys |= {k for k, v in flat.items() if k.startswith("data.") and isinstance(v, str) and word.search(v)}
+    return keys
+
+
 def config_differences(saved: dict, current: dict, fields: tuple[str, ...] = RESUME_MUST_MATCH,
-                       ignore: tuple[str, ...] = ("data.path",)) -> list[str]:
+                       ignore: tuple[str, ...] = LOCATION_KEYS) -> list[str]:
     """Human-readable 'field: saved -> current' lines for the ``fields`` (and their sub-keys) that differ.
 
     Model configs are compared in their canonical spelling, so a DiT saved with explicit depth / hidden_size /
-    num_heads matches the same network selected by ``size``.
+    num_heads matches the same network selected by ``size``. Where the data lies is not compared (``ignore`` and
+    ``location_keys``): a run resumes after its dataset moved, e.g. to node-local disk.
     """
     flat_saved = _resume_view(flatten(_with_canonical_model(saved)))
     flat_current = _resume_view(flatten(_with_canonical_model(current)))
+    skip = set(ignore) | location_keys(flat_saved, flat_current)
     diffs = []
     for key in sorted(set(flat_saved) | set(flat_current)):
-        if not any(key == f or key.startswith(f + ".") for f in fields) or key in ignore:
+        if not any(key == f or key.startswith(f + ".") for f in fields) or key in skip:
             continue
         a, b = flat_saved.get(key, "<absent>"), flat_current.get(key, "<absent>")
         if a != b:

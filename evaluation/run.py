@@ -1,16 +1,25 @@
 """What ``evaluate.py`` does with its composed config (``configs/evaluate.yaml``): one of five modes.
 
 - ``samples=<npz | image folder>``: the metrics of given images (``load_samples``) against the training split.
-- ``ckpt=<run dir | checkpoint>``: sample the model (``evaluation/protocol.py``: seeds, repeats, baselines, ranks)
-  and compute ``eval.metrics``, the likelihood included (``evaluation/likelihood.py``).
-- ``run_dir=<run or sweep dir>``: FID-vs-kimg curves of every checkpoint (``evaluation/curves.py``).
+- ``ckpt=<run dir | checkpoint | .safetensors>``: sample the model (``evaluation/protocol.py``: seeds, repeats,
+  baselines, ranks) and compute ``eval.metrics``, the likelihood included (``evaluation/likelihood.py``).
+- ``run_dir=<run or sweep dir>``: FID-vs-kimg curves of every checkpoint (``evaluation/curves.py``); with
+  ``eval.checkpoints=last`` (``eval=nll``) each run's newest checkpoint as ``ckpt=`` does, into
+  ``<run>/eval-<eval.name>.json``.
 - ``ref=true``: reference statistics of the training split in EDM's format (``evaluation/reference_stats.py``).
 - ``report=<sweep dir | schedules | infonoise>``: the sweep report (``evaluation/report.py``), the schedules figure
   (``evaluation/schedule_figure.py``) or the InfoNoise profiles (``evaluation/infonoise_report.py``).
 
+Before any sampling or feature extraction, every mode but ``report=`` runs the preflight (``evaluation/preflight.py``:
+weights, reference files, data, output path), and all of them run on ``device=``.
+
 ``samples=`` and ``ckpt=`` print a table (one column per image set: samples, the floor and ceiling baselines, the
 seed ranges) and write the record to ``out=`` (default: ``eval-<eval.name>.json`` beside the checkpoint or the
-samples).
+samples). The record says what was evaluated and how: ``checkpoint`` (the file, the training images it had seen
+``cur_nimg``, its step, EMA or raw weights), ``num_samples`` beside ``metrics`` (and ``counts`` beside ``columns``),
+``seeds``, the ``sampler`` config with ``nfe`` (network evaluations per image) and ``num_steps``, the feature
+extractor with its weights file and id, and the reference; for ``samples=`` written by sample.py, ``generated_by``
+repeats its ``samples.json``.
 """
 
 from __future__ import annotations
@@ -23,18 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from configs import jsonable, to_plain_dict
-from data import build_dataset
 from data.atomic import atomic_write_text
-from evaluation.curves import run_curves, run_name
+from evaluation.curves import CHECKPOINT_CHOICES, find_runs, run_curves, run_last_checkpoints, run_name
 from evaluation.digits_classifier import load_or_train_digits_classifier
-from evaluation.features import UInt8Images, eval_device, resolve_feature_extractor
+from evaluation.features import resolve_feature_extractor
 from evaluation.infonoise_report import plot_infonoise_profile
 from evaluation.likelihood import format_likelihood
 from evaluation.metrics import compute_metrics, load_samples
 from evaluation.posthoc import check_ema_mode, load_eval_denoiser, out_suffix, run_ema_sweep
+from evaluation.preflight import PreflightResult, check_evaluation, check_reference_job, on_main_rank
 from evaluation.protocol import CEILING_NOTE, evaluate_model, floor_columns, reference_getter
+from evaluation.provenance import checkpoint_info, checkpoint_record, samples_metadata
 from evaluation.reference_stats import compute_reference_statistics, reference_identity, save_reference_statistics
 from evaluation.report import report_selection, sweep_report
 from evaluation.schedule_figure import write_schedule_report
@@ -49,6 +60,7 @@ from evaluation.settings import (
     safe_name,
 )
 from evaluation.sweep import find_report_runs, run_config
+from training.checkpoint import list_checkpoints
 from training.distributed import resolve_device
 
 __all__ = ["run_evaluation", "run_reference", "run_report", "format_table"]
@@ -58,6 +70,11 @@ def _modes(cfg: Any) -> dict[str, bool]:
     return {"samples": cfg.get("samples") is not None, "ckpt": cfg.get("ckpt") is not None,
             "run_dir": cfg.get("run_dir") is not None, "ref": bool(cfg.get("ref", False)),
             "report": cfg.get("report") is not None}
+
+
+def _device(cfg: Any, dist_info: Any) -> Any:
+    """``device=`` (under torchrun: this rank's device, chosen by ``init_distributed`` from ``device=``)."""
+    return dist_info.device if dist_info is not None else resolve_device(str(cfg.get("device", "auto")))
 
 
 def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -> dict[str, Any]:
@@ -85,8 +102,15 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
     if modes["ref"]:
         return run_reference(cfg, dist_info)
     if modes["run_dir"]:
+        checkpoints = str(settings.get("checkpoints", "all"))
+        if checkpoints not in CHECKPOINT_CHOICES:
+            raise ValueError(f"unknown eval.checkpoints {checkpoints!r}; valid: {', '.join(CHECKPOINT_CHOICES)} (all: "
+                             "a curve of every checkpoint; last: each run's newest, as eval-<eval.name>.json)")
+        if checkpoints == "last":  # each run's newest checkpoint, as ckpt= would (eval=nll)
+            return run_last_checkpoints(cfg, overrides, dist_info, lambda c: run_evaluation(c, overrides, dist_info))
+        _preflight_runs(cfg, overrides, settings, dist_info)
         return run_curves(cfg, overrides, dist_info)
-    device = dist_info.device if dist_info is not None else resolve_device(str(cfg.get("device", "auto")))
+    device = _device(cfg, dist_info)
     t0 = time.time()
     if cfg.ckpt is not None:
         done = _evaluate_checkpoint(cfg, overrides, settings, metrics, device, dist_info)
@@ -94,22 +118,24 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
         done = _evaluate_samples(cfg, settings, metrics, device, dist_info)
     if done is None:  # a rank other than 0
         return {}
-    result, data_cfg, sampler_cfg, get_reference, source = done
-    ref_record = _print_result(result, get_reference, settings, data_cfg)
+    result, data_cfg, sampler_cfg, preflight, source = done
+    _print_result(result, preflight)
     extractor = result["extractor"]
     record = {
         "metrics": result["metrics"],
+        "num_samples": result["num_samples"],
         "feature_extractor": extractor,
         "feature_extractor_description": EXTRACTOR_DESCRIPTIONS.get(extractor) if extractor else None,
-        "num_samples": result["num_samples"],
-        "reference": ref_record,
+        **{k: v for k, v in preflight.record().items() if k != "feature_extractor"},
+        "reference": preflight.reference,
         "columns": result["columns"],
         "counts": result["counts"],
         "notes": result["notes"],
         "data": to_plain_dict(data_cfg),
         "sampler": to_plain_dict(sampler_cfg) if sampler_cfg is not None else None,
-        "eval": {k: v for k, v in settings.items()},
+        "eval": dict(settings),
         **source,
+        "device": str(device),
         "world_size": 1 if dist_info is None else dist_info.world_size,
         "seconds": round(time.time() - t0, 2),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -121,37 +147,62 @@ def run_evaluation(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = Non
     return record
 
 
+def _preflight_runs(cfg: Any, overrides: Sequence[str], settings: dict[str, Any], dist_info: Any) -> None:
+    """``run_dir=``: the preflight of every run's evaluation (once per distinct data set), before any sampling."""
+    def check() -> None:
+        seen: set[str] = set()
+        for run in find_runs(os.path.expanduser(str(cfg.run_dir))):
+            info = checkpoint_info(list_checkpoints(run)[-1])
+            data_cfg = run_group(OmegaConf.create(info["config"]).get("data"), cfg.data, overrides, "data")
+            identity = reference_identity(data_cfg, "train")
+            if identity not in seen:
+                seen.add(identity)
+                check_evaluation(settings, data_cfg, get_reference=reference_getter(data_cfg, settings),
+                                 chw=_generated_shape(info), num_samples=int(settings["num_samples"]))
+
+    on_main_rank(check, dist_info is not None)
+
+
+def _generated_shape(info: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    """(C, H, W) of a checkpoint's samples; None for a latent-space model (decoded by its VAE after sampling)."""
+    geometry = info["geometry"]
+    if geometry.get("latent_info"):
+        return None
+    return int(geometry["img_channels"]), int(geometry["img_resolution"]), int(geometry["img_resolution"])
+
+
 def _evaluate_checkpoint(cfg: Any, overrides: Sequence[str], settings: dict[str, Any], metrics: Sequence[str],
                          device: Any, dist_info: Any) -> tuple | None:
-    """``ckpt=``: (result, data config, sampler config, reference getter, source record) on rank 0, else None."""
+    """``ckpt=``: (result, data config, sampler config, preflight, source record) on rank 0, else None."""
     if not os.path.exists(str(cfg.ckpt)):
         raise FileNotFoundError(f"ckpt not found: {cfg.ckpt}")
-    denoiser, run_cfg, ema = load_eval_denoiser(cfg, str(cfg.ckpt), device)  # ema.sigma_rel=: a post-hoc EMA
+    ema = bool(cfg.get("ema", True))
+    info = checkpoint_info(str(cfg.ckpt))
+    run_cfg = OmegaConf.create(info["config"])
     data_cfg = run_group(run_cfg.get("data"), cfg.data, overrides, "data")
     sampler_cfg = run_group(run_cfg.get("sampler"), cfg.sampler, overrides, "sampler")
     get_reference = reference_getter(data_cfg, settings)
-    if any(m != "nll" for m in metrics) and settings.get("reference_stats") is None:
-        reference = get_reference()
-        den_chw = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-        ref_chw = (reference.num_channels, reference.resolution, reference.resolution)
-        if den_chw != ref_chw:
-            raise ValueError(f"the checkpoint generates (C, H, W) = {den_chw} but data '{reference.name}' has "
-                             f"{ref_chw}: channel/resolution mismatch")
+    preflight = on_main_rank(lambda: check_evaluation(
+        settings, data_cfg, get_reference=get_reference, chw=_generated_shape(info),
+        num_samples=int(settings["num_samples"]), out=_out_path(cfg, settings)), dist_info is not None)
+    denoiser, _, ema = load_eval_denoiser(cfg, info["path"], device)  # ema.sigma_rel=: a post-hoc EMA
     result = evaluate_model(denoiser, data_cfg, sampler_cfg, settings, device=device, get_reference=get_reference,
                             distributed=dist_info is not None, progress=True, run_cfg=run_cfg)
     if result is None:
         return None
-    source = {"ckpt": str(cfg.ckpt), "ema": ema, "seeds": result["seeds"]}
+    source = {"ckpt": str(cfg.ckpt), "checkpoint": checkpoint_record(info, ema), "ema": ema,
+              "seeds": result["seeds"], "nfe": result["nfe"], "num_steps": result["num_steps"]}
     if result["likelihood"] is not None:
         source["likelihood"] = result["likelihood"]
     if len(result["repeats"]) > 1:
-        source["repeats"] = [{"seeds": r["seeds"], "metrics": r["metrics"]} for r in result["repeats"]]
-    return result, data_cfg, sampler_cfg, get_reference, source
+        source["repeats"] = [{"seeds": r["seeds"], "num_samples": r["num_images"], "metrics": r["metrics"]}
+                             for r in result["repeats"]]
+    return result, data_cfg, sampler_cfg, preflight, source
 
 
 def _evaluate_samples(cfg: Any, settings: dict[str, Any], metrics: Sequence[str], device: Any,
                       dist_info: Any) -> tuple | None:
-    """``samples=``: (result, data config, None, reference getter, source record) on rank 0, else None."""
+    """``samples=``: (result, data config, None, preflight, source record) on rank 0, else None."""
     if "nll" in metrics:
         raise ValueError("eval.metrics contains nll, which needs the model: evaluate it with ckpt=<run>")
     if int(settings["seed_repeats"]) != 1:
@@ -160,6 +211,9 @@ def _evaluate_samples(cfg: Any, settings: dict[str, Any], metrics: Sequence[str]
         return None
     data_cfg = cfg.data
     get_reference = reference_getter(data_cfg, settings)
+    if not Path(os.path.expanduser(str(cfg.samples))).exists():
+        raise FileNotFoundError(f"samples path not found: {cfg.samples}")
+    preflight = check_evaluation(settings, data_cfg, get_reference=get_reference, out=_out_path(cfg, settings))
     reference = get_reference()
     ref_chw = None if reference is None else (reference.num_channels, reference.resolution, reference.resolution)
     images = load_samples(str(cfg.samples), ref_chw)
@@ -167,7 +221,8 @@ def _evaluate_samples(cfg: Any, settings: dict[str, Any], metrics: Sequence[str]
     common = dict(metrics=[m for m in metrics if m != "nll"], feature_extractor=extractor,
                   reference_cache_name=reference_identity(data_cfg, "train"), eval_cfg=settings, data_cfg=data_cfg,
                   device=device)
-    result = {"columns": {"samples": compute_metrics(images, reference, **common)},
+    progress = bool(settings.get("progress", True))
+    result = {"columns": {"samples": compute_metrics(images, reference, progress=progress, **common)},
               "counts": {"samples": len(images)}, "notes": [], "extractor": extractor, "images": images,
               "num_samples": len(images), "likelihood": None}
     result["metrics"] = result["columns"]["samples"]
@@ -176,36 +231,34 @@ def _evaluate_samples(cfg: Any, settings: dict[str, Any], metrics: Sequence[str]
         result["columns"].update(columns)
         result["counts"].update(counts)
         result["notes"].append(CEILING_NOTE)
-    return result, data_cfg, None, get_reference, {"samples": str(cfg.samples)}
+    return result, data_cfg, None, preflight, {"samples": str(cfg.samples),
+                                                "generated_by": samples_metadata(str(cfg.samples))}
 
 
-def _print_result(result: Mapping[str, Any], get_reference: Any, settings: Mapping[str, Any],
-                  data_cfg: Any) -> dict[str, Any] | None:
-    """Print the reference, the table, the likelihood and the notes; returns the record of the reference."""
+def _print_result(result: Mapping[str, Any], preflight: PreflightResult) -> None:
+    """Print the reference, the table (with its sample counts), the likelihood and the notes."""
     extractor = result["extractor"]
-    ref_record = None
-    if extractor is not None:
-        reference = get_reference()
-        if reference is None:
-            stats_path = str(settings["reference_stats"])
-            ref_record = {"stats": stats_path}
-            print(f"reference: statistics from {stats_path}")
+    reference = preflight.reference
+    if extractor is not None and reference is not None:
+        if "stats" in reference:
+            print(f"reference: statistics from {reference['stats']}")
         else:
-            n_ref = len(UInt8Images(reference, False))
-            ref_record = {"dataset": reference.name, "split": "train", "num_images": n_ref,
-                          "identity": reference_identity(data_cfg, "train")}
-            print(f"reference: '{reference.name}' training split ({n_ref} images)")
+            print(f"reference: '{reference['dataset']}' training split ({reference['num_images']} images)")
         print(format_table(result["columns"], result["counts"], extractor))
     if result["likelihood"] is not None:
         print(format_likelihood(result["metrics"], result["likelihood"]))
     for note in result["notes"]:
         print(note)
-    return ref_record
+
+
+def _out_path(cfg: Any, settings: Mapping[str, Any]) -> Path:
+    """Where the record goes: ``out=``, else ``_default_out``."""
+    return Path(os.path.expanduser(str(cfg.out))) if cfg.get("out") else _default_out(cfg, str(settings["name"]))
 
 
 def _write_record(cfg: Any, record: dict[str, Any], result: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
     """Write the record (atomically) and, with ``eval.save_samples``, the first seed range's samples."""
-    out = Path(str(cfg.out)) if cfg.get("out") else _default_out(cfg, str(settings["name"]))
+    out = _out_path(cfg, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     if settings["save_samples"] and cfg.ckpt is not None and result["images"] is not None:
         images = result["images"]
@@ -268,24 +321,22 @@ def run_reference(cfg: Any, dist_info: Any = None) -> dict[str, Any]:
     if dist_info is not None and dist_info.rank != 0:
         return {}
     settings = eval_settings(cfg.eval)
-    dataset = build_dataset(cfg.data, split="train")
-    if getattr(dataset, "latent", False):
-        raise ValueError(f"data '{dataset.name}' holds latents; reference statistics need pixel images")
-    device = dist_info.device if dist_info is not None else eval_device(None)
+    device = _device(cfg, dist_info)
     extractor = resolve_feature_extractor(settings["feature_extractor"], cfg.data)
+    out = Path(os.path.expanduser(str(cfg.out))) if cfg.get("out") else None
+    preflight = check_reference_job(settings, cfg.data, extractor, out)
+    dataset = preflight.pop("dataset")
+    if out is None:
+        suffix = "" if extractor == INCEPTION_EXTRACTOR else f"-{EXTRACTOR_TAGS[extractor]}"
+        out = Path(f"{dataset.name}-{dataset.resolution}x{dataset.resolution}{suffix}.npz")
     t0 = time.time()
     stats = compute_reference_statistics(dataset, feature_extractor=extractor, eval_cfg=settings, data_cfg=cfg.data,
                                          device=device)
-    if cfg.get("out"):
-        out = Path(str(cfg.out))
-    else:
-        suffix = "" if extractor == INCEPTION_EXTRACTOR else f"-{EXTRACTOR_TAGS[extractor]}"
-        out = Path(f"{dataset.name}-{dataset.resolution}x{dataset.resolution}{suffix}.npz")
     save_reference_statistics(out, stats)
     print(f"reference statistics of '{dataset.name}' (training split, {stats['num_images']} images, "
           f"{EXTRACTOR_DESCRIPTIONS[extractor]}) -> {out}  [{time.time() - t0:.1f} s]")
     return {"path": str(out), "num_images": stats["num_images"], "feature_extractor": extractor,
-            "extractor_id": stats["extractor_id"]}
+            "extractor_id": stats["extractor_id"], "device": str(device), **preflight}
 
 
 def run_report(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -> dict[str, Any]:

@@ -14,8 +14,10 @@ optimizer, schedule state and every RNG state (``training.rng``). SIGTERM / SIGU
 checkpoint and exit with status 0 (``training.run_dir``).
 
 Evaluation sits above training, so what needs it comes in as hooks from the entry point (``train.py``):
-``evaluate_fn`` (periodic evaluation of the EMA model, ``eval.every_kimg``) and ``plot_profile`` (the figure of an
-adaptive schedule's learned profile at the end of a run).
+``evaluate_fn`` (periodic evaluation of the EMA model, ``eval.every_kimg``), ``preflight`` (the check, at start-up,
+that this evaluation can run: weights, reference files, data) and ``plot_profile`` (the figure of an adaptive
+schedule's learned profile at the end of a run). A failing preflight stops the run before its first step; an
+evaluation that fails later is logged (``eval/error`` in metrics.jsonl and wandb, with the kimg) and training goes on.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ _CONV_ARCHS = ("songunet", "dhariwalunet")
 EvaluateFn = Callable[[torch.nn.Module, Any, Any, torch.device, float], dict[str, Any]]
 # plot_profile(run_dir) -> the path of the figure written
 PlotProfileFn = Callable[[Path], Path]
+# preflight(cfg, dataset) -> anything; raises when the evaluation of eval.every_kimg cannot run
+PreflightFn = Callable[[Any, Any], Any]
 
 
 def interval_due(prev_nimg: int, cur_nimg: int, every_kimg: float | None) -> bool:
@@ -143,15 +147,17 @@ class _Run:
 class Trainer:
     """One training run: builds everything from ``cfg``, resumes, loops, checkpoints.
 
-    ``evaluate_fn`` is called on rank 0 every ``eval.every_kimg`` with the EMA model (required when that is set);
-    ``plot_profile`` at the end of a finished run whose schedule has a learned profile (InfoNoise).
+    ``evaluate_fn`` is called on rank 0 every ``eval.every_kimg`` with the EMA model (required when that is set),
+    ``preflight`` on rank 0 when a run starts (with ``eval.every_kimg``); ``plot_profile`` at the end of a finished
+    run whose schedule has a learned profile (InfoNoise).
     """
 
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, *, evaluate_fn: EvaluateFn | None = None,
-                 plot_profile: PlotProfileFn | None = None):
+                 plot_profile: PlotProfileFn | None = None, preflight: PreflightFn | None = None):
         self.cfg, self.dist = cfg, dist_info
         self.device, self.rank, self.world = dist_info.device, dist_info.rank, dist_info.world_size
         self.evaluate_fn, self.plot_profile = evaluate_fn, plot_profile
+        self.preflight = preflight
         self._check_config()
         _setup_backends(cfg, self.device)
         self._build_data()
@@ -438,10 +444,34 @@ class Trainer:
 
     # --- grids, evaluation, reports ----------------------------------------------------------------------------------
 
-    def _evaluate(self, logger: RunLogger) -> None:
-        """Periodic evaluation of the EMA model (``eval.every_kimg``) on rank 0, logged as ``eval/<metric>``."""
+    def _preflight_evaluation(self) -> None:
+        """With ``eval.every_kimg``: the ``preflight`` hook on rank 0, before the first step; if it fails, every rank
+        stops with its message."""
+        if not self.cfg.eval.get("every_kimg") or self.preflight is None:
+            return
+        failure = None
         if self.dist.is_main:
-            record = self.evaluate_fn(self.ema.model, self.cfg, self.dataset, self.device, self.cur_nimg / 1000)
+            try:
+                self.preflight(self.cfg, self.dataset)
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                failure = f"{type(err).__name__}: {err}"
+        failure = broadcast_object(failure)
+        if failure is not None:
+            raise ConfigError(f"eval.every_kimg={self.cfg.eval.every_kimg}: the evaluation during training cannot "
+                              f"run ({failure}); fix that, or set eval.every_kimg=null")
+
+    def _evaluate(self, logger: RunLogger) -> None:
+        """Periodic evaluation of the EMA model (``eval.every_kimg``) on rank 0, logged as ``eval/<metric>``. An error
+        is logged instead (``eval/error`` with the kimg; the traceback in train.log) and training goes on."""
+        if self.dist.is_main:
+            kimg = self.cur_nimg / 1000
+            try:
+                record = self.evaluate_fn(self.ema.model, self.cfg, self.dataset, self.device, kimg)
+            except Exception as err:  # noqa: BLE001 - a failed evaluation must not end the training run
+                log.warning("evaluation at %.1f kimg failed; training goes on", kimg, exc_info=True)
+                record = {"kimg": kimg, "eval/error": f"{type(err).__name__}: {err}"}
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
             logger.log({"step": self.step, **record})
             log.info("kimg %9.1f | %s", self.cur_nimg / 1000,
                      " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/")
@@ -480,6 +510,7 @@ class Trainer:
         """Train until ``train.total_kimg`` (or a stop signal), resuming per ``resume``; returns ``run_dir``."""
         cfg = self.cfg
         resolved = to_plain_dict(cfg)
+        self._preflight_evaluation()
         self.build_optimisation()
         torch.manual_seed(cfg.seed + self.rank)  # per-rank noise streams (replaced by the checkpoint's on resume)
         self._resume(run_dir, resolved)
@@ -595,12 +626,13 @@ def print_summary(trainer: Trainer) -> None:
 
 
 def train(cfg: DictConfig, dist_info: DistInfo | None = None, *, evaluate_fn: EvaluateFn | None = None,
-          plot_profile: PlotProfileFn | None = None) -> Path | None:
+          plot_profile: PlotProfileFn | None = None, preflight: PreflightFn | None = None) -> Path | None:
     """Run (or resume) the training job described by ``cfg``; returns the run directory (None for dry runs).
 
-    ``evaluate_fn`` and ``plot_profile`` are the Trainer's evaluation hooks (``train.py`` passes evaluation's)."""
+    ``evaluate_fn``, ``preflight`` and ``plot_profile`` are the Trainer's evaluation hooks (``train.py`` passes
+    evaluation's)."""
     dist_info = dist_info or init_distributed(cfg.device)
-    trainer = Trainer(cfg, dist_info, evaluate_fn=evaluate_fn, plot_profile=plot_profile)
+    trainer = Trainer(cfg, dist_info, evaluate_fn=evaluate_fn, plot_profile=plot_profile, preflight=preflight)
     if cfg.dry_run:
         if dist_info.is_main:
             print_summary(trainer)
