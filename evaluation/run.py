@@ -152,6 +152,8 @@ def _preflight_runs(cfg: Any, overrides: Sequence[str], settings: dict[str, Any]
     def check() -> None:
         seen: set[str] = set()
         for run in find_runs(os.path.expanduser(str(cfg.run_dir))):
+            if not list_checkpoints(run):
+                continue  # nothing to evaluate there (the curves say so)
             info = checkpoint_info(list_checkpoints(run)[-1])
             data_cfg = run_group(OmegaConf.create(info["config"]).get("data"), cfg.data, overrides, "data")
             identity = reference_identity(data_cfg, "train")
