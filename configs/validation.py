@@ -21,10 +21,11 @@ from configs.model_sizes import canonical_model_config
 RESUME_MUST_MATCH = ("model", "data", "precond", "schedule", "weighting", "seed", "train.batch", "train.lr",
                      "train.betas", "train.eps", "train.weight_decay", "train.label_dropout", "train.ema_halflife_kimg",
                      "train.ema_rampup_ratio", "train.lr_rampup_kimg", "train.grad_clip", "train.lr_schedule",
-                     "train.lr_ref_kimg", "train.ema", "train.ema_sigma_rels")
+                     "train.lr_ref_kimg", "train.ema", "train.ema_sigma_rels", "train.sigma_draw")
 
 # Keys added after checkpoints were first written: a saved config without them had these values.
-RESUME_DEFAULTS = {"train.lr_schedule": "constant", "train.lr_ref_kimg": None, "train.ema": "halflife"}
+RESUME_DEFAULTS = {"train.lr_schedule": "constant", "train.lr_ref_kimg": None, "train.ema": "halflife",
+                   "train.sigma_draw": "iid"}
 # Keys that only matter under another key's value: (key, the key it depends on, the values that use it).
 _RESUME_ONLY_WHEN = (("train.lr_ref_kimg", "train.lr_schedule", ("edm2_inv_sqrt",)),
                      ("train.ema_sigma_rels", "train.ema", ("power",)),
@@ -34,6 +35,7 @@ LR_SCHEDULES = ("constant", "edm2_inv_sqrt")
 EMA_KINDS = ("halflife", "power")
 SNAPSHOT_DTYPES = ("fp16", "bf16", "fp32")
 NONFINITE_MODES = ("stop", "skip", "zero")
+SIGMA_DRAWS = ("iid", "stratified")  # diffusion.schedules.SIGMA_DRAWS
 
 # Where the data lies, not what it is: never compared on resume, so moving a dataset (to node-local disk, another
 # mount) does not block it. ``config_differences`` also skips any data key whose value embeds data.path.
@@ -95,6 +97,8 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
     _positive_number(cfg, "train.ema_halflife_kimg", allow_zero=True)
     _positive_number(cfg, "train.ema_rampup_ratio", allow_null=True)
     _validate_edm2_train_keys(cfg)
+    draw = t.get("sigma_draw", "iid")
+    _require(draw in SIGMA_DRAWS, "train.sigma_draw", f"must be one of {', '.join(SIGMA_DRAWS)}, got {draw!r}")
     p = t.label_dropout
     _require(isinstance(p, (int, float)) and 0 <= p < 1, "train.label_dropout", f"must be in [0, 1), got {p!r}")
     _require(p == 0 or bool(cfg.data.get("cond", False)), "train.label_dropout",
@@ -162,10 +166,29 @@ def _validate_edm2_train_keys(cfg: Any) -> None:
 def _resume_view(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened config as resuming compares it: keys added later take their old default when absent, and keys
     that the config does not use (``train.lr_ref_kimg`` without the inverse-sqrt decay, ...) are left out."""
-    view = {**{k: v for k, v in RESUME_DEFAULTS.items() if k not in flat}, **flat}
+    view = {**{k: v for k, v in RESUME_DEFAULTS.items() if k not in flat}, **_schedule_resume_view(flat)}
     for key, parent, values in _RESUME_ONLY_WHEN:
         if view.get(parent, RESUME_DEFAULTS.get(parent)) not in values:
             view = {k: v for k, v in view.items() if not (k == key or k.startswith(key + "."))}
+    return view
+
+
+def _schedule_resume_view(flat: dict[str, Any]) -> dict[str, Any]:
+    """The schedule keys of a flattened config in today's spelling, as a config saved before them meant them: the
+    older ``sigma_min``/``sigma_max`` as ``sigma_range`` (both null: null), no ``snr_reference`` as ``unit``, and no
+    ``cosine_shifted`` ``resolution`` as the resolution the network saw (what the shift was computed from; the pixel
+    resolution is the default now). The descriptive ``unverified`` lists are not compared."""
+    view = {k: v for k, v in flat.items() if not (k.startswith("schedule.") and k.endswith(".unverified"))}
+    for node in ("schedule", "schedule.base"):
+        if f"{node}.name" not in view:
+            continue
+        lo, hi = view.pop(f"{node}.sigma_min", None), view.pop(f"{node}.sigma_max", None)
+        if f"{node}.sigma_range" not in view:
+            view[f"{node}.sigma_range"] = None if lo is None and hi is None else [lo, hi]
+        view.setdefault(f"{node}.snr_reference", "unit")
+        if view[f"{node}.name"] == "cosine_shifted" and f"{node}.resolution" not in view:
+            latent = any(k.startswith("data.latent_") for k in view)
+            view[f"{node}.resolution"] = view.get("data.resolution") if latent else None
     return view
 
 

@@ -9,6 +9,10 @@ For a batch of clean data y (model space) the loss is, per sample i,
 (a learned weighting adds its own term: ``LossWeighting.weighted_loss``, e.g. EDM2's + d·u(σ_i), in
 ``diffusion.weighting``).
 
+The σ's of a batch are inverse-CDF draws of the schedule from uniforms that are i.i.d. (``sigma_draw="iid"``) or
+stratified (``"stratified"``: one per equal-probability stratum, in random order; ``diffusion.schedules.base``): the
+same marginal either way, with a much smaller batch-to-batch variance of the batch's σ's under stratification.
+
 Next to the weighted loss it returns the per-sample *unweighted* error mse_i = ‖D(x_i; σ_i) − y_i‖², computed from D
 and y directly (never by dividing the weighted loss by w, which is ill-conditioned at small σ): an adaptive schedule
 (InfoNoise) estimates the MMSE profile from it, with no extra forward pass.
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffusion.schedules import NoiseSchedule
+from diffusion.schedules import SIGMA_DRAWS, NoiseSchedule
 from diffusion.weighting import LossWeighting
 
 
@@ -35,14 +39,19 @@ class LossOutput:
 class DenoisingLoss:
     """E_σ[w(σ)·‖D(y + σn; σ) − y‖²] with σ ~ schedule."""
 
-    def __init__(self, schedule: NoiseSchedule, weighting: LossWeighting):
+    def __init__(self, schedule: NoiseSchedule, weighting: LossWeighting, sigma_draw: str = "iid"):
+        if sigma_draw not in SIGMA_DRAWS:
+            raise ValueError(f"train.sigma_draw must be one of {', '.join(SIGMA_DRAWS)}, got {sigma_draw!r}")
         self.schedule = schedule
         self.weighting = weighting
+        self.sigma_draw = sigma_draw
 
     def draw(self, batch: int, shape: tuple[int, ...], device: torch.device | str,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """σ ~ schedule, then unit noise n ~ N(0, I), for ``batch`` samples of ``shape``, drawn from ``generator``."""
-        sigma = self.schedule.sample(batch, device=device, generator=generator)
+        """σ ~ schedule (i.i.d. or stratified over the ``batch``), then unit noise n ~ N(0, I), for ``batch`` samples of
+        ``shape``, drawn from ``generator``."""
+        sigma = self.schedule.sample(batch, device=device, generator=generator,
+                                     stratified=self.sigma_draw == "stratified")
         noise = torch.randn((batch, *shape), device=device, generator=generator)
         return sigma, noise
 

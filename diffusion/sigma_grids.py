@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from configs import to_plain_dict
-from diffusion.schedules import build_schedule
+from diffusion.schedules import build_schedule, defined_config
 
 SCHEDULE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "schedule"
 GRID_NAMES = ("rho", "loglinear", "infonoise")
@@ -164,7 +164,9 @@ def load_schedule_option(option: str | Mapping[str, Any], **context: Any) -> Any
             valid = sorted({*GRID_NAMES, *(p.stem for p in SCHEDULE_CONFIG_DIR.glob("*.yaml"))})
             raise ValueError(f"unknown sampler.steps_from '{option}'; valid: {', '.join(valid)} (a schedule option "
                              "name places the steps at its equal-mass quantiles)")
-        cfg = OmegaConf.load(path)
+        # The schedule as its source defines it (untruncated, unit logSNR): its CDF is the schedule time that
+        # steps and t_max are placed by, whatever support a training run gives it.
+        cfg = defined_config(OmegaConf.load(path))
     return build_schedule(cfg, **context)
 
 

@@ -129,7 +129,7 @@ def test_nan_skip_mode_counts_and_continues(tmp_path):
     ("train.batch=-4", "train.batch: must be a positive integer, got -4"),
     ("train.total_kimg=0", "train.total_kimg: must be a finite number > 0"),
     ("train.precision=fp8", "train.precision: must be one of fp32, bf16, fp16"),
-    ("schedule.sigma_min=1.0 schedule.sigma_max=0.5", "schedule.sigma_min (1.0) must be < schedule.sigma_max (0.5)"),
+    ("schedule.sigma_range=[1.0,0.5]", "schedule.sigma_range: need sigma_min < sigma_max, got [1.0, 0.5]"),
     ("schedule=laplace schedule.b=0", "b"),
     ("sampler.num_steps=0", "sampler.num_steps must be an integer >= 1, got 0"),
     ("data.resolution=12", "resolution"),

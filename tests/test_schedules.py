@@ -177,7 +177,7 @@ TRUNC_CASES = ["lognormal", "logit_normal", "fm_ot", "cosine", "cosine_scaled", 
 
 @pytest.mark.parametrize("case", TRUNC_CASES)
 def test_truncation(case):
-    sched = _build(case, sigma_min=0.01, sigma_max=20.0)
+    sched = _build(case, sigma_range=(0.01, 20.0))
     ref = CASES[case][1]
     a, b = math.log(0.01), math.log(20.0)
     fa, fb = ref(a), ref(b)
@@ -258,14 +258,14 @@ def test_discrete_ddpm_cdf_icdf_and_surrogate_density():
 def test_discrete_ddpm_truncation_keeps_exactly_the_levels_inside():
     ref = _ddpm_sigmas_numpy()
     inside = ref[(ref >= 0.1) & (ref <= 10.0)]
-    sched = SCHEDULES["discrete_ddpm"](sigma_min=0.1, sigma_max=10.0)
+    sched = SCHEDULES["discrete_ddpm"](sigma_range=[0.1, 10.0])
     sigma = sched.sample(50_000, generator=torch.Generator().manual_seed(5)).double().numpy()
     idx = _nearest(np.log(sigma), np.log(inside))
     np.testing.assert_allclose(np.log(sigma), np.log(inside[idx]), atol=1e-6)
     counts = np.bincount(idx, minlength=len(inside))
     assert counts.min() > 0 and stats.chisquare(counts).pvalue > KS_PVALUE
     # Truncating exactly at a level keeps that level.
-    at = SCHEDULES["discrete_ddpm"](sigma_min=float(ref[10]), sigma_max=float(ref[20]))
+    at = SCHEDULES["discrete_ddpm"](sigma_range=[float(ref[10]), float(ref[20])])
     levels = at.icdf(torch.linspace(1e-9, 1.0, 2001, dtype=F64)).exp().numpy()
     np.testing.assert_allclose(np.unique(levels), ref[10:21], rtol=1e-12)
 
@@ -308,6 +308,20 @@ def test_schedule_report(tmp_path):
     assert "`broken`: ValueError" in md
 
 
+def test_schedule_report_draws_the_support_and_both_conventions(tmp_path):
+    """The support and the mass it cut (Laplace b = 0.5 outside λ ∈ [−2 ln 80, −2 ln 0.002]: ½e^(−λ_hi/b) +
+    ½e^(λ_lo/b)) are in the table; snr_reference=both adds the data-convention row, whose median σ is σ_data."""
+    cfgs = {"laplace": {"name": "laplace", "sigma_range": [0.002, 80.0]}, "lognormal": {"name": "lognormal"}}
+    md = write_schedule_report(tmp_path, cfgs, sigma_data=0.5, snr_reference="both")["md"].read_text()
+    cut = 0.5 * math.exp(-2 * math.log(1 / 0.002) / 0.5) + 0.5 * math.exp(-2 * math.log(80) / 0.5)
+    assert f"| 1 | [0.002, 80] | {cut:.3g} |" in md
+    assert "| laplace (data) | `Laplace(mu=0.0, b=0.5, sigma_range=[0.002, 80], snr_reference=data (σ_data=0.5))`" in md
+    assert "| 0.5 | [0.002, 80] |" in md
+    assert "lognormal (data)" not in md  # stated in σ: the convention does not move it
+    with pytest.raises(ValueError, match="snr_reference must be one of unit, data, both"):
+        write_schedule_report(tmp_path, cfgs, snr_reference="pixels")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Configs, context and errors.
 
@@ -318,7 +332,8 @@ MY_SCHEDULE_FILES = sorted(p for p in (ROOT / "configs/schedule").glob("*.yaml")
 @pytest.mark.parametrize("path", MY_SCHEDULE_FILES, ids=lambda p: p.stem)
 def test_schedule_configs_build(path):
     cfg = OmegaConf.load(path)
-    assert "sigma_min" in cfg and "sigma_max" in cfg
+    # The shared settings are in every option (so one override reaches every arm of a sweep), in one spelling.
+    assert "sigma_range" in cfg and "snr_reference" in cfg and "sigma_min" not in cfg and "sigma_max" not in cfg
     sched = build_schedule(cfg, img_resolution=32, sigma_data=0.5)
     sigma = sched.sample(1000, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(sigma).all() and bool((sigma > 0).all())
@@ -332,8 +347,20 @@ def test_cosine_shifted_takes_the_shift_from_the_resolution():
     assert math.exp(s256.icdf(torch.tensor(0.5, dtype=F64)).item()) == pytest.approx(4.0, rel=1e-12)
     given = build_schedule({**cfg, "shift": 1.0}, img_resolution=256)
     assert given.shift == 1.0
-    with pytest.raises(ValueError, match="img_resolution"):
+    with pytest.raises(ValueError, match="schedule.shift or schedule.resolution"):
         build_schedule(cfg)
+
+
+def test_cosine_shifted_uses_the_pixel_resolution_for_latents():
+    """ImageNet-256 in SD-VAE latents: the network sees 32x32, the images are 256x256. The shift is simple
+    diffusion's 2·ln(64/256) (toward lower SNR), not 2·ln(64/32) (toward higher SNR), unless the config says 32."""
+    cfg = {"name": "cosine_shifted", "shift": None, "resolution": None, "base_resolution": 64}
+    latent = build_schedule(cfg, img_resolution=32, image_resolution=256)
+    assert latent.shift == pytest.approx(2 * math.log(64 / 256)) and latent.resolution_source.startswith("the data")
+    assert math.exp(latent.icdf(torch.tensor(0.5, dtype=F64)).item()) == pytest.approx(4.0, rel=1e-12)
+    pinned = build_schedule({**cfg, "resolution": 32}, img_resolution=32, image_resolution=256)
+    assert pinned.shift == pytest.approx(2 * math.log(2.0))
+    assert "resolution 32: schedule.resolution" in repr(pinned)
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
@@ -347,7 +374,14 @@ def test_cosine_shifted_takes_the_shift_from_the_resolution():
     ({"name": "discrete_ddpm", "num_steps": 1}, "num_steps"),
     ({"name": "cosine_scaled", "scale": 0.0}, "scale"),
     ({"name": "fm_ot", "shift": -1.0}, "shift"),
-    ({"name": "laplace", "sigma_min": 1e-9, "sigma_max": 1e-8}, None),  # valid but far tail: builds
+    ({"name": "laplace", "sigma_range": [1e-9, 1e-8]}, None),  # valid but far tail: builds
+    ({"name": "laplace", "sigma_min": 1e-9, "sigma_max": 1e-8}, None),  # the older spelling still builds
+    ({"name": "laplace", "sigma_range": [1.0, 0.5]}, r"schedule.sigma_range: need sigma_min < sigma_max"),
+    ({"name": "laplace", "sigma_range": [0.0, 80.0]}, r"schedule.sigma_range\[0\] must be a finite number > 0"),
+    ({"name": "laplace", "sigma_range": [0.002]}, r"schedule.sigma_range must be \[sigma_min, sigma_max\]"),
+    ({"name": "laplace", "sigma_range": [0.002, 80], "sigma_max": 80.0}, "older spelling"),
+    ({"name": "laplace", "snr_reference": "pixel"}, "snr_reference must be one of unit, data"),
+    ({"name": "laplace", "snr_reference": "data"}, "snr_reference=data needs sigma_data"),
 ])
 def test_bad_schedule_configs_fail_clearly(cfg, match):
     if match is None:
@@ -359,6 +393,6 @@ def test_bad_schedule_configs_fail_clearly(cfg, match):
 
 
 def test_truncation_without_mass_fails_clearly():
-    sched = build_schedule({"name": "ve", "sigma_min": 200.0, "sigma_max": 300.0})
+    """A range that holds none of the schedule's mass fails when the schedule is built, before any draw."""
     with pytest.raises(ValueError, match="no probability mass"):
-        sched.sample(4)
+        build_schedule({"name": "ve", "sigma_range": [200.0, 300.0]})

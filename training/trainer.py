@@ -216,10 +216,12 @@ class Trainer:
                                          sigma_data=cfg.precond.sigma_data, uncertainty=self.uncertainty)
         self.total_nimg = int(round(cfg.train.total_kimg * 1000))
         self.schedule = build_schedule(cfg.schedule, weighting=self.weighting, img_resolution=self.dataset.resolution,
+                                       image_resolution=getattr(self.dataset, "image_resolution", None),
                                        sigma_data=cfg.precond.sigma_data, total_nimg=self.total_nimg,
                                        batch_size=cfg.train.batch, num_dims=self.num_dims).to(self.device)
         self.weighting.attach_schedule(self.schedule)  # only the importance weighting uses the sampling density
-        self.loss_fn = DenoisingLoss(self.schedule, self.weighting)
+        # σ's i.i.d. or stratified over the global batch (train_step draws it whole: the same on any world size).
+        self.loss_fn = DenoisingLoss(self.schedule, self.weighting, sigma_draw=cfg.train.get("sigma_draw", "iid"))
 
     def _grid_profile(self) -> Any:
         """For ``sampler.steps_from=infonoise[...]`` (InfoGrid): the live InfoNoise profile's step density."""

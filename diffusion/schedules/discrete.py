@@ -18,9 +18,11 @@ So the training distribution puts mass 1/T on each of the T levels u_t = ln σ_t
   are symmetric about their level). It integrates to 1 and is what the schedule figure draws and what an
   importance weight q/p uses: drawing σ from the levels with weight w·q/p_bin is a midpoint quadrature of ∫ w·q du.
   It is *not* the derivative of ``cdf``.
-- Truncation to [sigma_min, sigma_max] keeps exactly the levels inside the closed interval, each with equal
-  probability (the base class's truncation, with the lower mass taken as P(u < ln sigma_min)). The truncated
-  surrogate density is the untruncated one renormalised by the kept probability, so near a cut bin it is approximate.
+- Truncation to ``sigma_range`` keeps exactly the levels inside the closed interval, each with equal probability (the
+  base class's truncation, with the lower mass F(a⁻) = P(u < ln σ_lo) from ``_cdf_below``; a bound within 1e-12 in
+  ln σ of a level keeps that level). The truncated surrogate density is the untruncated one renormalised by the kept
+  probability, so near a cut bin it is approximate.
+- ``snr_reference=data`` moves every level by ln σ_data (DDPM's ᾱ_t fixes λ_t on unit-variance data).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion.schedules.base import NoiseSchedule
+from diffusion.schedules.base import NoiseSchedule, SigmaRange
 from diffusion.schedules.location_scale import with_truncation
 
 
@@ -46,15 +48,17 @@ class DiscreteDDPM(NoiseSchedule):
     """Uniform over DDPM's ``num_steps`` discrete noise levels (linear β from ``beta_start`` to ``beta_end``)."""
 
     name = "discrete_ddpm"
+    _bound_slack = 1e-12  # σ_lo = σ_k (up to rounding in ln σ) keeps level k
 
-    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000,
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
                  sigma_min: float | None = None, sigma_max: float | None = None):
-        super().__init__(sigma_min=sigma_min, sigma_max=sigma_max)
         if not (isinstance(num_steps, int) and num_steps >= 2):
             raise ValueError(f"schedule=discrete_ddpm: num_steps must be an integer >= 2, got {num_steps!r}")
         if not 0 < beta_start < beta_end < 1:
             raise ValueError(f"schedule=discrete_ddpm: need 0 < beta_start < beta_end < 1, got {beta_start}, "
                              f"{beta_end}")
+        super().__init__()
         self.beta_start, self.beta_end, self.num_steps = float(beta_start), float(beta_end), num_steps
         levels = ddpm_log_sigmas(self.beta_start, self.beta_end, num_steps)
         mids = 0.5 * (levels[1:] + levels[:-1])
@@ -62,10 +66,13 @@ class DiscreteDDPM(NoiseSchedule):
         # Buffers move with .to(device) but stay out of state_dict (they are a pure function of the config).
         self.register_buffer("log_sigmas", levels, persistent=False)
         self.register_buffer("bin_edges", edges, persistent=False)
+        # The shared settings need the levels (the truncation masses are computed from them).
+        self.set_snr_reference(snr_reference, sigma_data)
+        self.set_support(sigma_range, sigma_min=sigma_min, sigma_max=sigma_max)
 
     @property
     def sigmas(self) -> Tensor:
-        """The T noise levels σ_t, ascending (float64)."""
+        """The T noise levels σ_t of DDPM, ascending (float64; before the ``snr_reference`` shift)."""
         return self.log_sigmas.exp()
 
     def _on(self, like: Tensor, name: str) -> Tensor:
@@ -90,21 +97,9 @@ class DiscreteDDPM(NoiseSchedule):
         k = (torch.ceil(q * self.num_steps - 1e-9) - 1).clamp(0, self.num_steps - 1).to(torch.long)
         return self._on(q, "log_sigmas")[k]
 
-    def _truncation_mass(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        levels = self._on(like, "log_sigmas")
-        lo = torch.zeros((), dtype=torch.float64, device=like.device)
-        hi = torch.ones((), dtype=torch.float64, device=like.device)
-        # A bound within 1e-12 (in ln σ) of a level counts as that level, so that σ_min = σ_k keeps level k.
-        if self.sigma_min is not None:
-            a = torch.tensor([math.log(self.sigma_min) - 1e-12], dtype=torch.float64, device=like.device)
-            lo = torch.searchsorted(levels, a, right=False)[0].to(torch.float64) / self.num_steps
-        if self.sigma_max is not None:
-            b = torch.tensor([math.log(self.sigma_max) + 1e-12], dtype=torch.float64, device=like.device)
-            hi = torch.searchsorted(levels, b, right=True)[0].to(torch.float64) / self.num_steps
-        if not bool(hi > lo):
-            raise ValueError(f"schedule '{self.name}' has no noise level in [sigma_min, sigma_max] = "
-                             f"[{self.sigma_min}, {self.sigma_max}]")
-        return lo, hi
+    def _cdf_below(self, u: Tensor) -> Tensor:
+        count = torch.searchsorted(self._on(u, "log_sigmas"), u.contiguous(), right=False)
+        return count.to(torch.float64) / self.num_steps
 
     def extra_repr(self) -> str:
         return with_truncation(f"beta_start={self.beta_start}, beta_end={self.beta_end}, "

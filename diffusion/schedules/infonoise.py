@@ -16,6 +16,10 @@ log-normal); the estimator runs all along, and the table is switched on at the f
 the warm-up (so the warm-up is rounded up to a multiple of ``refresh_every``).
 Base draws outside the grid are counted in the end bins.
 
+The shared support setting ``sigma_range`` (``base.py``) conditions both phases, the base during the warm-up and the
+table afterwards, on [σ_lo, σ_hi]; by default (null) the warm-up follows the base's own setting and the table lives
+on the grid. The learned density is stated in σ, so ``snr_reference`` does not move it (the base has its own).
+
 Everything (the estimator's window, m̂ and gate pivot, the table, the warm-up state, the grid and the
 hyperparameters) lives in buffers, so ``state_dict()``/``load_state_dict()`` resume exactly; a state saved with a
 different grid is refused, one saved with other hyperparameters loads with a warning.
@@ -37,7 +41,7 @@ import torch
 from torch import Tensor
 
 from configs import build_from_registry
-from diffusion.schedules.base import NoiseSchedule
+from diffusion.schedules.base import CONFIG_METADATA_KEYS, NoiseSchedule, SigmaRange
 from diffusion.schedules.fixed import FIXED_SCHEDULES
 from diffusion.schedules.infonoise_estimator import GATE_MODES, InfoNoiseEstimator
 from diffusion.schedules.lognormal import LogNormal
@@ -97,10 +101,12 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
         sigma_data: σ_data (context): the smoothing reference scale σ_ref; also passed to a base built from config.
         num_dims: data dimensions d (context), for ``area_per_dim``.
         total_nimg, batch_size: training length (context) for ``warmup_fraction``.
-        img_resolution: passed to a base schedule built from a config.
+        img_resolution, image_resolution: passed to a base schedule built from a config.
+        sigma_range, snr_reference, sigma_min, sigma_max: the shared settings (``base.NoiseSchedule``).
     """
 
     name = "infonoise"
+    logsnr_parameterised = False  # the learned table is stated in σ
 
     def __init__(self, base: NoiseSchedule | Mapping[str, Any] | None = None, grid_sigma_min: float = 0.002,
                  grid_sigma_max: float = 80.0, num_bins: int = 64, warmup_fraction: float = 0.2,
@@ -109,7 +115,9 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
                  gate_n: float = 3.0, onset_p: float = 0.002, divide_by_weight: bool = True, floor_mix: float = 0.0,
                  weighting: Callable[[Tensor], Tensor] | None = None, sigma_data: float | None = None,
                  num_dims: int | None = None, total_nimg: int | None = None, batch_size: int | None = None,
-                 img_resolution: int | None = None):
+                 img_resolution: int | None = None, image_resolution: int | None = None, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_min: float | None = None,
+                 sigma_max: float | None = None):
         super().__init__(grid_sigma_min=grid_sigma_min, grid_sigma_max=grid_sigma_max, num_bins=num_bins,
                          min_count=min_count, ema_new_weight=ema_new_weight, smooth_bins=smooth_bins, gate_c=gate_c,
                          gate_n=gate_n, onset_p=onset_p, num_dims=num_dims,
@@ -127,7 +135,7 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
         self.floor_mix = float(floor_mix)
         self.weighting = weighting
         self.base = self._build_base(base, sigma_data=sigma_data, img_resolution=img_resolution,
-                                     weighting=weighting)
+                                     image_resolution=image_resolution, weighting=weighting)
         self.register_buffer("hparams", self._own_hparams())
         self.register_buffer("warmup_steps", torch.tensor(warmup_steps, dtype=torch.int64))
         self.register_buffer("active", torch.zeros((), dtype=torch.bool))
@@ -138,6 +146,8 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
         # Python mirrors of the state that decides control flow, so the hot path never reads a device tensor.
         self._active = False
         self._warmup_steps = warmup_steps
+        self.set_snr_reference(snr_reference, sigma_data)
+        self.set_support(sigma_range, sigma_min=sigma_min, sigma_max=sigma_max)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -153,7 +163,7 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
         if isinstance(base, Mapping) or hasattr(base, "keys"):
             if dict(base).get("name") == InfoNoise.name:
                 raise ValueError("schedule.base cannot itself be infonoise; use e.g. {name: lognormal}")
-            return build_from_registry("schedule.base", FIXED_SCHEDULES, base,
+            return build_from_registry("schedule.base", FIXED_SCHEDULES, base, drop=CONFIG_METADATA_KEYS,
                                        context={k: v for k, v in context.items() if v is not None})
         raise ValueError(f"schedule.base must be a schedule config (e.g. {{name: lognormal}}), a NoiseSchedule or "
                          f"null, got {type(base).__name__}")
@@ -202,6 +212,7 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
         if not self._active and step >= self._warmup_steps and bool(self.mhat_seen.any()):
             self._active = True
             self.active.fill_(True)
+            self._truncation_changed()
         stats["warmup"] = float(not self._active)
         return stats
 
@@ -216,6 +227,7 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
             return stats  # nothing measured yet: keep sampling from the base
         old_cdf = self.table.cum_mass.clone()
         self.table.set_density(self._density_from(prof["rho_hat"]))
+        self._truncation_changed()
         stats["max_dcdf"] = float((self.table.cum_mass - old_cdf).abs().max())
         stats.update(self.profile_stats(prof))
         qs = torch.tensor(PI_QUANTILES, dtype=torch.float64, device=self.table.cum_mass.device)
@@ -309,6 +321,7 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
         self.hparams.copy_(mine)
         self._active = bool(self.active)
         self._warmup_steps = int(self.warmup_steps)
+        self._truncation_changed()
 
     def _own_hparams(self) -> Tensor:
         hp = getattr(self, "hparams", None)
@@ -320,11 +333,13 @@ class InfoNoise(InfoNoiseEstimator, NoiseSchedule):
 
     def extra_repr(self) -> str:
         c = {"none": "none", "auto": "auto"}.get(self.gate_mode, f"{self._gate_pinned:g}")
+        policy = self.policy_repr()
         return (f"num_bins={self.num_bins}, grid=[{self._grid[0]:g}, {self._grid[1]:g}], "
                 f"warmup_steps={self._warmup_steps}, "
                 f"refresh_every={self.refresh_every}, min_count={self.min_count}, "
                 f"ema_new_weight={self.ema_new_weight}, smooth_bins={self.smooth_bins}, gate_c={c}, "
-                f"gate_n={self.gate_n:g}, divide_by_weight={self.divide_by_weight}, floor_mix={self.floor_mix}")
+                f"gate_n={self.gate_n:g}, divide_by_weight={self.divide_by_weight}, floor_mix={self.floor_mix}"
+                + (f", {policy}" if policy else ""))
 
 
 @torch.no_grad()

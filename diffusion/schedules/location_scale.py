@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,8 +145,8 @@ class LocationScaleSchedule(NoiseSchedule):
     std_cdf: Callable[[Tensor], Tensor]
     std_icdf: Callable[[Tensor], Tensor]
 
-    def __init__(self, loc: float, scale: float, sigma_min: float | None = None, sigma_max: float | None = None):
-        super().__init__(sigma_min=sigma_min, sigma_max=sigma_max)
+    def __init__(self, loc: float, scale: float, **policy: Any):
+        super().__init__(**policy)
         if not (math.isfinite(loc) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"schedule={self.name}: need a finite location and a scale > 0 in ln σ, got "
                              f"loc={loc}, scale={scale}")
@@ -163,6 +164,6 @@ class LocationScaleSchedule(NoiseSchedule):
 
 
 def with_truncation(text: str, schedule: NoiseSchedule) -> str:
-    """``extra_repr`` helper: a schedule's own parameters followed by its truncation, if any."""
-    base = NoiseSchedule.extra_repr(schedule)
-    return text + (f", {base}" if base else "")
+    """``extra_repr`` helper: a schedule's own parameters followed by its shared settings (support, convention)."""
+    policy = schedule.policy_repr()
+    return text + (f", {policy}" if policy else "")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+from diffusion.schedules.base import SigmaRange
 from diffusion.schedules.location_scale import (
     LocationScaleSchedule,
     cauchy_cdf,
@@ -59,12 +60,15 @@ class Laplace(LocationScaleSchedule):
     std_cdf = staticmethod(laplace_cdf)
     std_icdf = staticmethod(laplace_icdf)
 
-    def __init__(self, mu: float = 0.0, b: float = 0.5, sigma_min: float | None = None,
-                 sigma_max: float | None = None):
+    def __init__(self, mu: float = 0.0, b: float = 0.5, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
         _finite(self.name, mu=mu, b=b)
         if not b > 0:
             raise ValueError(f"schedule=laplace: b must be > 0, got {b}")
-        super().__init__(loc=-0.5 * mu, scale=0.5 * b, sigma_min=sigma_min, sigma_max=sigma_max)
+        super().__init__(loc=-0.5 * mu, scale=0.5 * b,
+                         sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
+                         sigma_min=sigma_min, sigma_max=sigma_max)
         self.mu, self.b = float(mu), float(b)
 
     def extra_repr(self) -> str:
@@ -79,12 +83,15 @@ class Cauchy(LocationScaleSchedule):
     std_cdf = staticmethod(cauchy_cdf)
     std_icdf = staticmethod(cauchy_icdf)
 
-    def __init__(self, mu: float = 0.0, gamma: float = 1.0, sigma_min: float | None = None,
-                 sigma_max: float | None = None):
+    def __init__(self, mu: float = 0.0, gamma: float = 1.0, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
         _finite(self.name, mu=mu, gamma=gamma)
         if not gamma > 0:
             raise ValueError(f"schedule=cauchy: gamma must be > 0, got {gamma}")
-        super().__init__(loc=-0.5 * mu, scale=0.5 * gamma, sigma_min=sigma_min, sigma_max=sigma_max)
+        super().__init__(loc=-0.5 * mu, scale=0.5 * gamma,
+                         sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
+                         sigma_min=sigma_min, sigma_max=sigma_max)
         self.mu, self.gamma = float(mu), float(gamma)
 
     def extra_repr(self) -> str:
@@ -99,7 +106,8 @@ class UniformLogSNR(LocationScaleSchedule):
     std_cdf = staticmethod(uniform_cdf)
     std_icdf = staticmethod(uniform_icdf)
 
-    def __init__(self, logsnr_min: float = EDM_SAMPLER_LOGSNR_MIN, logsnr_max: float = EDM_SAMPLER_LOGSNR_MAX,
+    def __init__(self, logsnr_min: float = EDM_SAMPLER_LOGSNR_MIN, logsnr_max: float = EDM_SAMPLER_LOGSNR_MAX, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
                  sigma_min: float | None = None, sigma_max: float | None = None):
         _finite(self.name, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
         if not logsnr_min < logsnr_max:
@@ -107,6 +115,7 @@ class UniformLogSNR(LocationScaleSchedule):
                              f"{logsnr_max}")
         # u ∈ [−λ_max/2, −λ_min/2]: centre −(λ_min + λ_max)/4, half-width (λ_max − λ_min)/4.
         super().__init__(loc=-0.25 * (logsnr_min + logsnr_max), scale=0.25 * (logsnr_max - logsnr_min),
+                         sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
                          sigma_min=sigma_min, sigma_max=sigma_max)
         self.logsnr_min, self.logsnr_max = float(logsnr_min), float(logsnr_max)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from diffusion.schedules.base import SigmaRange
 from diffusion.schedules.location_scale import (
     LocationScaleSchedule,
     logistic_cdf,
@@ -45,9 +46,13 @@ class FlowMatchingOT(LocationScaleSchedule):
     std_cdf = staticmethod(logistic_cdf)
     std_icdf = staticmethod(logistic_icdf)
 
-    def __init__(self, shift: float = 1.0, sigma_min: float | None = None, sigma_max: float | None = None):
+    def __init__(self, shift: float = 1.0, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
         shift = _check_shift(self.name, shift)
-        super().__init__(loc=math.log(shift), scale=1.0, sigma_min=sigma_min, sigma_max=sigma_max)
+        super().__init__(loc=math.log(shift), scale=1.0,
+                         sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
+                         sigma_min=sigma_min, sigma_max=sigma_max)
         self.shift = shift
 
     def extra_repr(self) -> str:
@@ -62,12 +67,15 @@ class LogitNormal(LocationScaleSchedule):
     std_cdf = staticmethod(normal_cdf)
     std_icdf = staticmethod(normal_icdf)
 
-    def __init__(self, m: float = 0.0, s: float = 1.0, shift: float = 1.0, sigma_min: float | None = None,
-                 sigma_max: float | None = None):
+    def __init__(self, m: float = 0.0, s: float = 1.0, shift: float = 1.0, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
         if not s > 0:
             raise ValueError(f"schedule=logit_normal: s must be > 0, got {s}")
         shift = _check_shift(self.name, shift)
-        super().__init__(loc=float(m) + math.log(shift), scale=float(s), sigma_min=sigma_min, sigma_max=sigma_max)
+        super().__init__(loc=float(m) + math.log(shift), scale=float(s),
+                         sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
+                         sigma_min=sigma_min, sigma_max=sigma_max)
         self.m, self.s, self.shift = float(m), float(s), shift
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from diffusion.schedules.base import NoiseSchedule
+from diffusion.schedules.base import NoiseSchedule, SigmaRange
 
 _TINY = 1e-300
 
@@ -39,16 +39,18 @@ class TabulatedLogSigma(NoiseSchedule):
     """Piecewise-constant density over ln σ on the edges ``log_edges`` (zero mass outside them).
 
     Give either ``density`` (heights per unit ln σ, one per bin; need not be normalised) or ``masses`` (probability
-    per bin; need not be normalised); with neither the density is uniform in ln σ. ``sigma_min``/``sigma_max``
-    optionally truncate further (the base-class truncation).
+    per bin; need not be normalised); with neither the density is uniform in ln σ. ``sigma_range`` (or the older
+    ``sigma_min``/``sigma_max``) optionally truncates further (the base-class truncation). A table is stated in σ, so
+    the logSNR convention does not move it.
     """
 
     name = "tabulated"
+    logsnr_parameterised = False
 
     def __init__(self, log_edges: Tensor | Sequence[float], density: Tensor | Sequence[float] | None = None, *,
-                 masses: Tensor | Sequence[float] | None = None, sigma_min: float | None = None,
-                 sigma_max: float | None = None):
-        super().__init__(sigma_min=sigma_min, sigma_max=sigma_max)
+                 masses: Tensor | Sequence[float] | None = None, sigma_range: SigmaRange = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
+        super().__init__(sigma_range=sigma_range, sigma_min=sigma_min, sigma_max=sigma_max)
         edges = _as_f64(log_edges, "log_edges")
         if edges.numel() < 2:
             raise ValueError("tabulated schedule: log_edges needs at least 2 entries (one bin)")
@@ -108,6 +110,7 @@ class TabulatedLogSigma(NoiseSchedule):
         cum[-1] = 1.0  # exact, so that q = 1 maps to the last edge with mass
         self.bin_mass.copy_(m)
         self.cum_mass.copy_(cum)
+        self._truncation_changed()
 
     def set_density(self, density: Tensor | Sequence[float]) -> None:
         """Replace the heights per unit ln σ (normalised here) in place."""
@@ -142,6 +145,10 @@ class TabulatedLogSigma(NoiseSchedule):
         k = (torch.searchsorted(self.cum_mass, q.contiguous(), right=False) - 1).clamp_(0, self.num_bins - 1)
         frac = ((q - self.cum_mass[k]) / self.bin_mass[k].clamp_min(_TINY)).clamp(0.0, 1.0)
         return self.log_edges[k] + frac * self.widths[k]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._truncation_changed()  # the loaded masses replace the ones the cached truncation was computed from
 
     def extra_repr(self) -> str:
         lo, hi = float(self.log_edges[0].exp()), float(self.log_edges[-1].exp())

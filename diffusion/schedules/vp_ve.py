@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from diffusion.schedules.base import NoiseSchedule
+from diffusion.schedules.base import NoiseSchedule, SigmaRange
 from diffusion.schedules.location_scale import (
     LocationScaleSchedule,
     uniform_cdf,
@@ -58,9 +58,11 @@ class VP(NoiseSchedule):
 
     name = "vp"
 
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5,
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
                  sigma_min: float | None = None, sigma_max: float | None = None):
-        super().__init__(sigma_min=sigma_min, sigma_max=sigma_max)
+        super().__init__(sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
+                         sigma_min=sigma_min, sigma_max=sigma_max)
         if not (math.isfinite(beta_d) and math.isfinite(beta_min) and beta_d >= 0 and beta_min >= 0
                 and beta_d + beta_min > 0):
             raise ValueError(f"schedule=vp: need beta_d >= 0, beta_min >= 0, not both 0; got {beta_d}, {beta_min}")
@@ -95,16 +97,20 @@ class VE(LocationScaleSchedule):
     """EDM's VE training distribution: ln σ ~ U[ln sigma_low, ln sigma_high]."""
 
     name = "ve"
+    logsnr_parameterised = False  # stated in σ (EDM's VE range [0.02, 100])
     std_log_pdf = staticmethod(uniform_log_pdf)
     std_cdf = staticmethod(uniform_cdf)
     std_icdf = staticmethod(uniform_icdf)
 
-    def __init__(self, sigma_low: float = 0.02, sigma_high: float = 100.0, sigma_min: float | None = None,
-                 sigma_max: float | None = None):
+    def __init__(self, sigma_low: float = 0.02, sigma_high: float = 100.0, *,
+                 sigma_range: SigmaRange = None, snr_reference: str = "unit", sigma_data: float | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
         if not 0 < sigma_low < sigma_high < math.inf:
             raise ValueError(f"schedule=ve: need 0 < sigma_low < sigma_high < inf, got {sigma_low}, {sigma_high}")
         a, b = math.log(sigma_low), math.log(sigma_high)
-        super().__init__(loc=0.5 * (a + b), scale=0.5 * (b - a), sigma_min=sigma_min, sigma_max=sigma_max)
+        super().__init__(loc=0.5 * (a + b), scale=0.5 * (b - a),
+                         sigma_range=sigma_range, snr_reference=snr_reference, sigma_data=sigma_data,
+                         sigma_min=sigma_min, sigma_max=sigma_max)
         self.sigma_low, self.sigma_high = float(sigma_low), float(sigma_high)
 
     def extra_repr(self) -> str:
