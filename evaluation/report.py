@@ -40,7 +40,7 @@ from omegaconf import Container, OmegaConf
 from configs import flatten, jsonable
 from evaluation.curves import CURVE_FILE, check_interpolation, kimg_to_reach, read_curve, run_name, target_table
 from evaluation.figures import plot_report
-from evaluation.report_format import format_report, setup_line
+from evaluation.report_format import format_report, setup_line, unverified_values
 from evaluation.settings import eval_settings, primary_key, short_hash
 from evaluation.sweep import ABSENT, canon, find_report_runs, job_num, report_rows, run_config, short
 from training.checkpoint import CHECKPOINT_DIR, list_checkpoints
@@ -173,7 +173,8 @@ def _table_rows(sweep: _Sweep, members: Sequence[Path], labels: Sequence[str], a
     rows: dict[str, dict[str, Any]] = {}
     for run, label, cells in zip(members, labels, aspects):
         row = rows.setdefault(label, {"label": label, "aspects": cells, "runs": [], "order": math.inf,
-                                      "paper": sweep.configs[run].get("paper")})
+                                      "paper": sweep.configs[run].get("paper"),
+                                      "unverified": unverified_values(sweep.configs[run].get("schedule"))})
         seed = sweep.configs[run].get("seed")
         row["runs"].append({"dir": str(run), "name": run_name(run, sweep.root), "seed": seed})
         job = job_num(run)

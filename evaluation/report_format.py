@@ -1,6 +1,12 @@
 """The Markdown of the sweep report (``evaluation/report.py`` collects the numbers): per data config the
 metric-vs-kimg tables, the final table and the images-to-target tables, in the papers' layout (rows = settings,
-published numbers in adjacent columns)."""
+published numbers in adjacent columns).
+
+Each table's setup line also states what a schedule comparison must hold fixed or disclose: the training noise's
+support (``schedule.sigma_range``), its logSNR convention (``schedule.snr_reference``), how the σ's are drawn
+(``train.sigma_draw``) and the EMA length of the evaluated weights (which changes FID at a given kimg); a setting that
+differs between rows is listed per row. Rows whose schedule has parameters no readable source fixes (the config's
+``unverified`` list) are marked † and the values are listed under the final table."""
 
 from __future__ import annotations
 
@@ -11,9 +17,12 @@ from typing import Any
 
 from evaluation.curves import fmt_kimg
 from evaluation.settings import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
-from evaluation.sweep import short
+from evaluation.sweep import report_rows, short
 
-__all__ = ["format_report", "fmt_stat", "report_kimg", "kimg_header", "setup_line"]
+__all__ = ["format_report", "fmt_stat", "report_kimg", "kimg_header", "setup_line", "schedule_support",
+           "unverified_values", "training_noise_text"]
+
+UNVERIFIED_MARK = "†"
 
 _EXTRACTOR_SHORT = {DIGITS_EXTRACTOR: "digits-classifier features (not Inception)",
                     INCEPTION_EXTRACTOR: "Inception-v3 features"}
@@ -118,7 +127,60 @@ def setup_line(configs: Sequence[Mapping[str, Any]], settings: Sequence[Mapping[
     seed_text = "-".join(str(n) for n in sorted({min(seeds_per_row), max(seeds_per_row)})) if seeds_per_row else "?"
     name = "FID" if metric.startswith("fid_") else f"`{metric}`"
     return (f"Setup: data {data_text}; model {models}; budget {budget}; sampler {sampler_text}; {name}: "
-            f"{metric_text}; {seed_text} seed(s) per row.")
+            f"{metric_text}; {seed_text} seed(s) per row. {training_noise_text(configs)}")
+
+
+def schedule_support(schedule: Mapping[str, Any] | None) -> str:
+    """The support of a schedule config's training draws: ``σ ∈ [lo, hi]`` or ``untruncated`` (InfoNoise: its grid
+    after the warm-up, and the base's support during it)."""
+    schedule = schedule or {}
+    rng = schedule.get("sigma_range")
+    if rng is None and (schedule.get("sigma_min") is not None or schedule.get("sigma_max") is not None):
+        rng = [schedule.get("sigma_min"), schedule.get("sigma_max")]  # the older spelling
+    if rng is not None:
+        lo, hi = rng
+        return f"σ ∈ [{0 if lo is None else lo:g}, {'∞' if hi is None else format(hi, 'g')}]"
+    if schedule.get("name") == "infonoise":
+        grid = f"[{schedule.get('grid_sigma_min', 0.002):g}, {schedule.get('grid_sigma_max', 80.0):g}]"
+        return f"its grid {grid} (warm-up: {schedule_support(schedule.get('base'))})"
+    return "untruncated"
+
+
+def unverified_values(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
+    """{parameter: value} of the parameters a schedule config marks ``unverified`` (no readable source fixes them)."""
+    schedule = schedule or {}
+    return {str(k): schedule.get(k) for k in (schedule.get("unverified") or [])}
+
+
+def _ema_text(train: Mapping[str, Any]) -> str:
+    if train.get("ema", "halflife") == "power":
+        rels = list(train.get("ema_sigma_rels") or [])
+        return f"power EMA σ_rel {rels[0]:g}" if rels else "power EMA"
+    half, ramp = train.get("ema_halflife_kimg"), train.get("ema_rampup_ratio")
+    ramp_text = "no ramp-up" if ramp is None else f"ramp-up {ramp:g}"
+    return f"half-life {half:g} kimg ({ramp_text})" if half is not None else "?"
+
+
+def _per_row(configs: Sequence[Mapping[str, Any]], values: Sequence[str]) -> str:
+    """One value, or 'by row: <label> <value>; ...' when the rows differ."""
+    if len(set(values)) <= 1:
+        return values[0] if values else "?"
+    labels = report_rows(configs)[0]
+    per_label = dict(zip(labels, values))
+    return "by row: " + "; ".join(f"{lab} {val}" for lab, val in per_label.items())
+
+
+def training_noise_text(configs: Sequence[Mapping[str, Any]]) -> str:
+    """The sentence of the setup line on the training noise and the EMA (module docstring)."""
+    schedules = [c.get("schedule") or {} for c in configs]
+    train = [c.get("train") or {} for c in configs]
+    support = _per_row(configs, [schedule_support(s) for s in schedules])
+    convention = _per_row(configs, [
+        "λ = 2·ln(σ_data/σ) (data)" if s.get("snr_reference") == "data" else "λ = −2·ln σ (unit)" for s in schedules])
+    draws = _per_row(configs, [str(t.get("sigma_draw", "iid")) for t in train])
+    ema = _per_row(configs, [_ema_text(t) for t in train])
+    return (f"Training noise: support {support}; logSNR {convention}; σ draws {draws}. Evaluated weights: EMA "
+            f"{ema}.")
 
 
 def format_report(report: Mapping[str, Any], plot_name: str | None = "fid_vs_kimg.png") -> str:
@@ -147,10 +209,22 @@ def format_report(report: Mapping[str, Any], plot_name: str | None = "fid_vs_kim
 
 
 def _row_cells(table: Mapping[str, Any], lab: str) -> list[str]:
-    """The label cells of a row: one per label column of the table (or the row label itself)."""
-    if not table["columns"]:
-        return [lab]
-    return [table["rows"][lab]["aspects"].get(c, lab) for c in table["columns"]]
+    """The label cells of a row: one per label column of the table (or the row label itself); the first one marked
+    † when the row's schedule has unverified parameters."""
+    cells = [lab] if not table["columns"] else [table["rows"][lab]["aspects"].get(c, lab) for c in table["columns"]]
+    if table["rows"][lab].get("unverified"):
+        cells[0] = f"{cells[0]} {UNVERIFIED_MARK}"
+    return cells
+
+
+def _unverified_note(table: Mapping[str, Any]) -> list[str]:
+    """The footnote of the rows marked †: their unverified parameters and the values they trained with."""
+    marked = {lab: table["rows"][lab]["unverified"] for lab in table["order"] if table["rows"][lab].get("unverified")}
+    if not marked:
+        return []
+    parts = [f"{lab}: " + ", ".join(f"{k} = {short(v)}" for k, v in values.items()) for lab, values in marked.items()]
+    return [f"{UNVERIFIED_MARK} Parameters no readable source fixes (our choice, marked `unverified` in the schedule's "
+            f"config; sweep them to check): {'; '.join(parts)}.", ""]
 
 
 def _kimg_table(table: Mapping[str, Any], variant: Mapping[str, Any]) -> list[str]:
@@ -204,7 +278,7 @@ def _final_table(table: Mapping[str, Any]) -> list[str]:
         for col in extra_cols:
             cells.append(fmt_stat(table["extras"][col].get(lab)))
         body.append(cells)
-    lines += _md_table(header, body) + [""]
+    lines += _md_table(header, body) + [""] + _unverified_note(table)
     sources = list(dict.fromkeys(str(table["rows"][lab]["paper"]["source"]) for lab in table["order"]
                                  if table["rows"][lab]["paper"] and table["rows"][lab]["paper"].get("source")))
     if sources:
