@@ -66,6 +66,18 @@ preconditioning D − y = σ·(n + F)), and its leftover error rate ‖n + F‖�
 dominates the bound when integrated down to 0.002: the demo model (binary digits, 200 kimg, 269 held-out images)
 gives 0.388 bits/dim from σ_min = 0.2 and 2.13 from σ_min = 0.002. evaluate.py therefore starts the bound at
 ``eval.nll_elbo_sigma_min`` (default 0.2; the decoder term is reported, so a too-large value shows).
+
+*The convention, and what it can favour.* That choice is a convention of this code, not of the sources: the sampler
+integrates down to its σ_min = 0.002, and VDM (Kingma et al. 2021) and ITD (Kong et al. 2023) integrate the bound to
+very high SNR. Stopping at 0.2 leaves the noise levels below 0.2 to the rounding decoder, which is exact there for
+±1 data whatever the network does, so the 0.2 bound does not see how well a model denoises at σ < 0.2: it can favour
+a training schedule that spends little training there (Laplace, for one) over one that trains there (EDM's
+log-normal), where the bound down to the sampler's σ_min would charge the first for its error. evaluate.py therefore
+reports both, side by side and under different names: ``nll_elbo_bpd`` (from ``eval.nll_elbo_sigma_min``, 0.2 by
+default, as it always was) and ``nll_elbo_bpd_smin<σ>`` (from the sampler's σ_min, e.g. ``nll_elbo_bpd_smin0.002``).
+The second is the first plus the diffusion term on [σ_min_sampler, 0.2] and the decoder at σ_min_sampler in place of
+the decoder at 0.2 (``binary_elbo(..., sigma_min_low=)``): its extra strata are drawn after all of the first's draws
+from each image's stream, so the first number is unchanged by computing the second.
 """
 
 from __future__ import annotations
@@ -86,6 +98,7 @@ __all__ = [
     "BinaryELBO",
     "ode_log_likelihood",
     "binary_elbo",
+    "low_strata",
     "dequantize",
     "nll_bits_per_dim",
     "bits_per_dim_8bit",
@@ -325,21 +338,72 @@ def bits_per_dim_8bit(log_prob: Tensor, num_dims: int) -> Tensor:
 
 @dataclass
 class BinaryELBO:
-    """Per-image terms of ``binary_elbo`` (float64 [N], nats); ``total`` = prior + diffusion + reconstruction."""
+    """Per-image terms of ``binary_elbo`` (float64 [N], nats); ``total`` = prior + diffusion + reconstruction.
+
+    With ``sigma_min_low``: ``diffusion_low`` (the diffusion term on [sigma_min_low, sigma_min]) and
+    ``reconstruction_low`` (the decoder at sigma_min_low); ``total_low`` = prior + diffusion + diffusion_low +
+    reconstruction_low is the bound from sigma_min_low (module doc §3)."""
 
     total: Tensor
     prior: Tensor
     diffusion: Tensor
     reconstruction: Tensor
+    diffusion_low: Tensor | None = None
+    reconstruction_low: Tensor | None = None
+
+    @property
+    def total_low(self) -> Tensor | None:
+        if self.diffusion_low is None:
+            return None
+        return self.prior + self.diffusion + self.diffusion_low + self.reconstruction_low
+
+
+def low_strata(sigma_min_low: float, sigma_min: float, sigma_max: float, num_steps: int) -> int:
+    """Strata on the extension [sigma_min_low, sigma_min]: as many as keep them no wider in ln σ than the
+    ``num_steps`` strata of [sigma_min, sigma_max]."""
+    width = math.log(sigma_max / sigma_min) / int(num_steps)
+    return max(1, math.ceil(math.log(sigma_min / sigma_min_low) / width - 1e-9))
+
+
+def _diffusion_term(denoiser: Denoiser, y: Tensor, gens: Sequence[torch.Generator], sigma_lo: float,
+                    sigma_hi: float, k: int, class_labels: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """∫_{ln σ_lo}^{ln σ_hi} ‖D − y‖²/σ² d ln σ per image: k strata, from each image's stream k stratum offsets, then
+    one noise per stratum."""
+    lo, hi = math.log(sigma_lo), math.log(sigma_hi)
+    width = (hi - lo) / k
+    offsets = _draw(gens, (k,), "uniform", y.device, dtype)  # [N, k]
+    diffusion = torch.zeros(y.shape[0], dtype=dtype, device=y.device)
+    for j in range(k):
+        u = lo + (j + offsets[:, j]) * width
+        sigma = u.exp().reshape(-1, *([1] * (y.ndim - 1)))
+        noise = _draw(gens, y.shape[1:], "gaussian", y.device, dtype)
+        den = denoiser(y + sigma * noise, sigma, class_labels=class_labels).to(dtype)
+        diffusion = diffusion + width * (den - y).flatten(1).square().sum(1) / sigma.flatten().square()
+    return diffusion
+
+
+def _decoder_term(y: Tensor, gens: Sequence[torch.Generator], sigma: float, dtype: torch.dtype) -> Tensor:
+    """E[−log P(y | y + σn)] of the rounding decoder, one noise per image from its stream."""
+    noise = _draw(gens, y.shape[1:], "gaussian", y.device, dtype)
+    x = y + sigma * noise
+    return torch.nn.functional.softplus(-2 * y * x / sigma**2).flatten(1).sum(1)
 
 
 @torch.no_grad()
 def binary_elbo(
     denoiser: Denoiser, y: Tensor, *, seeds: Sequence[int], sigma_min: float = 0.002, sigma_max: float = 80.0,
     num_steps: int = 128, class_labels: Tensor | None = None, dtype: torch.dtype = torch.float64,
+    sigma_min_low: float | None = None,
 ) -> BinaryELBO:
-    """The negative ELBO (nats) of ±1 data ``y`` [N, C, H, W] (module doc §3); one stratified draw per stratum."""
+    """The negative ELBO (nats) of ±1 data ``y`` [N, C, H, W] (module doc §3); one stratified draw per stratum.
+
+    ``sigma_min_low`` (< sigma_min) also gives the bound from there (``BinaryELBO.total_low``), with
+    ``low_strata`` strata on [sigma_min_low, sigma_min] drawn after every draw of the bound from sigma_min.
+    """
     _check_range(sigma_min, sigma_max, num_steps)
+    if sigma_min_low is not None and not 0 < sigma_min_low < sigma_min:
+        raise ValueError(f"need 0 < sigma_min_low < sigma_min for the extended bound, got {sigma_min_low}, "
+                         f"{sigma_min}")
     y = y.to(dtype)
     if not bool(((y == 1) | (y == -1)).all()):
         raise ValueError("the binary ELBO needs data in {-1, +1} (binarized pixels 0/255); use the ODE likelihood "
@@ -348,31 +412,25 @@ def binary_elbo(
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} images")
     gens = _generators(seeds, y.device)
-    k = int(num_steps)
-    lo, hi = math.log(sigma_min), math.log(sigma_max)
-    width = (hi - lo) / k
-    # Per image: k stratum offsets, then k noise tensors, then the reconstruction noise (all from its own stream).
-    offsets = _draw(gens, (k,), "uniform", y.device, dtype)  # [N, k]
-    diffusion = torch.zeros(n, dtype=dtype, device=y.device)
-    for j in range(k):
-        u = lo + (j + offsets[:, j]) * width
-        sigma = u.exp().reshape(-1, *([1] * (y.ndim - 1)))
-        noise = _draw(gens, y.shape[1:], "gaussian", y.device, dtype)
-        den = denoiser(y + sigma * noise, sigma, class_labels=class_labels).to(dtype)
-        diffusion = diffusion + width * (den - y).flatten(1).square().sum(1) / sigma.flatten().square()
+    # Per image: k stratum offsets, then k noise tensors, then the reconstruction noise (all from its own stream);
+    # then, for sigma_min_low, the same for the extension.
+    diffusion = _diffusion_term(denoiser, y, gens, sigma_min, sigma_max, int(num_steps), class_labels, dtype)
     prior = y.flatten(1).square().sum(1) / (2 * sigma_max**2)
-    noise = _draw(gens, y.shape[1:], "gaussian", y.device, dtype)
-    x = y + sigma_min * noise
-    reconstruction = torch.nn.functional.softplus(-2 * y * x / sigma_min**2).flatten(1).sum(1)
-    return BinaryELBO(total=prior + diffusion + reconstruction, prior=prior, diffusion=diffusion,
-                      reconstruction=reconstruction)
+    reconstruction = _decoder_term(y, gens, sigma_min, dtype)
+    out = BinaryELBO(total=prior + diffusion + reconstruction, prior=prior, diffusion=diffusion,
+                     reconstruction=reconstruction)
+    if sigma_min_low is not None:
+        k_low = low_strata(sigma_min_low, sigma_min, sigma_max, num_steps)
+        out.diffusion_low = _diffusion_term(denoiser, y, gens, sigma_min_low, sigma_min, k_low, class_labels, dtype)
+        out.reconstruction_low = _decoder_term(y, gens, sigma_min_low, dtype)
+    return out
 
 
 def nll_bits_per_dim(
     denoiser: Denoiser, images: Tensor, *, seeds: Sequence[int], method: str = "ode", sigma_min: float = 0.002,
     sigma_max: float = 80.0, solver: str = "rk45", tolerance: float = 1e-5, num_steps: int = 128,
     num_probes: int = 1, probe: str = "rademacher", class_labels: Tensor | None = None, batch_size: int = 256,
-    device: torch.device | str = "cpu", info: dict | None = None,
+    device: torch.device | str = "cpu", info: dict | None = None, elbo_sigma_min_low: float | None = None,
 ) -> Tensor:
     """Per-image bits/dim (float64 [N], on the CPU) of uint8 ``images`` [N, C, H, W].
 
@@ -380,7 +438,9 @@ def nll_bits_per_dim(
     noise, then the probes, from each image's seed). ``method="elbo"``: the binary variational bound (§3; pixels must
     be 0 or 255; ``num_steps`` strata). ``class_labels``: one-hot float [N, label_dim] for conditional models (the
     images' own classes). ``info`` (a dict) receives ``nfe``: the mean network evaluations per image, and for the
-    ELBO ``terms_bpd``: the mean diffusion / reconstruction / prior terms in bits/dim.
+    ELBO ``terms_bpd``: the mean diffusion / reconstruction / prior terms in bits/dim. ``elbo_sigma_min_low``
+    (ELBO only, < sigma_min): also the bound from there (§3, "The convention"), per image in ``info["low_bpd"]``,
+    its extra terms in ``terms_bpd`` (``diffusion_low``, ``reconstruction_low``); the returned bound is unchanged.
     """
     if method not in NLL_METHODS:
         raise ValueError(f"unknown eval.nll_method {method!r}; valid: auto, {', '.join(NLL_METHODS)}")
@@ -394,23 +454,23 @@ def nll_bits_per_dim(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if method == "ode":
         _check_probe(probe, num_probes)
+    low = elbo_sigma_min_low if method == "elbo" else None
     device = torch.device(device)
     d = images[0].numel()
-    out = []
+    out, out_low = [], []
     nfe_total = 0
     terms = {"diffusion": 0.0, "reconstruction": 0.0, "prior": 0.0}
+    if low is not None:
+        terms.update(diffusion_low=0.0, reconstruction_low=0.0)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device)
         batch_seeds = seeds[start:start + batch_size]
         labels = None if class_labels is None else class_labels[start:start + batch_size].to(device)
         if method == "elbo":
-            if not bool(((batch == 0) | (batch == 255)).all()):
-                raise ValueError("eval.nll_method=elbo needs binarized images (pixels 0 or 255); use "
-                                 "eval.nll_method=ode for 8-bit data")
-            y = batch.to(torch.float64) / PIXEL_SCALE - 1
-            elbo = binary_elbo(denoiser, y, seeds=batch_seeds, sigma_min=sigma_min, sigma_max=sigma_max,
-                               num_steps=num_steps, class_labels=labels)
+            elbo = _binary_batch(denoiser, batch, batch_seeds, sigma_min, sigma_max, num_steps, labels, low)
             out.append((elbo.total / (d * LN2)).cpu())
+            if low is not None:
+                out_low.append((elbo.total_low / (d * LN2)).cpu())
             for term in terms:
                 terms[term] += float(getattr(elbo, term).sum()) / (d * LN2)
         else:
@@ -423,8 +483,22 @@ def nll_bits_per_dim(
             out.append(bits_per_dim_8bit(result.log_prob, d).cpu())
             nfe_total += int(result.nfe.sum())
     if info is not None:
+        elbo_nfe = int(num_steps) + (low_strata(low, sigma_min, sigma_max, num_steps) if low is not None else 0)
         info["nfe"] = (nfe_total / len(images)) if method == "ode" and len(images) else (
-            int(num_steps) if method == "elbo" else 0)
+            elbo_nfe if method == "elbo" else 0)
         if method == "elbo" and len(images):
             info["terms_bpd"] = {term: value / len(images) for term, value in terms.items()}
+        if low is not None:
+            info["low_bpd"] = torch.cat(out_low) if out_low else torch.empty(0, dtype=torch.float64)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
+def _binary_batch(denoiser: Denoiser, batch: Tensor, seeds: Sequence[int], sigma_min: float, sigma_max: float,
+                  num_steps: int, labels: Tensor | None, sigma_min_low: float | None) -> BinaryELBO:
+    """``binary_elbo`` of a uint8 batch of binarized images (pixels 0 or 255)."""
+    if not bool(((batch == 0) | (batch == 255)).all()):
+        raise ValueError("eval.nll_method=elbo needs binarized images (pixels 0 or 255); use eval.nll_method=ode for "
+                         "8-bit data")
+    y = batch.to(torch.float64) / PIXEL_SCALE - 1
+    return binary_elbo(denoiser, y, seeds=seeds, sigma_min=sigma_min, sigma_max=sigma_max, num_steps=num_steps,
+                       class_labels=labels, sigma_min_low=sigma_min_low)

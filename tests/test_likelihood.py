@@ -178,6 +178,29 @@ def test_per_image_seeds_make_batches_irrelevant():
     assert torch.allclose(e1, e2, rtol=0, atol=1e-12)
 
 
+def test_elbo_from_the_sampler_sigma_min_extends_the_default_bound():
+    """The bound from σ_min_low = 0.002 beside the one from 0.2: the latter is unchanged by computing the former, and
+    for the denoiser D ≡ 0 (error ‖y‖² = d at every σ) the extra diffusion term is ∫ d/σ² d ln σ = d/2·(1/a² − 1/b²)
+    over [a, b] = [0.002, 0.2], and the decoder term at a is E softplus(−2(1 + a·n)/a²)·d ≈ 0."""
+    n, shape = 16, (1, 4, 4)
+    d = 16
+    images = (torch.randint(0, 2, (n, *shape), generator=torch.Generator().manual_seed(6)) * 255).to(torch.uint8)
+    zero = lambda x, s, class_labels=None: torch.zeros_like(x)  # noqa: E731
+    kw = dict(seeds=range(n), method="elbo", sigma_min=0.2, sigma_max=80.0, num_steps=128)
+    plain = lk.nll_bits_per_dim(zero, images, **kw)
+    info: dict = {}
+    main = lk.nll_bits_per_dim(zero, images, info=info, elbo_sigma_min_low=0.002, **kw)
+    assert torch.equal(main, plain)  # the default bound's draws come first in every image's stream
+    assert lk.low_strata(0.002, 0.2, 80.0, 128) == 99 and info["nfe"] == 128 + 99
+    extra = info["low_bpd"] - main  # bits/dim: diffusion on [0.002, 0.2] + decoder(0.002) − decoder(0.2)
+    closed = 0.5 * d * (1 / 0.002**2 - 1 / 0.2**2) / (d * LN2)
+    assert float(extra.mean()) == pytest.approx(closed, rel=2e-2)
+    assert info["terms_bpd"]["diffusion_low"] == pytest.approx(closed, rel=2e-2)
+    assert info["terms_bpd"]["reconstruction_low"] < 1e-12
+    with pytest.raises(ValueError, match="sigma_min_low < sigma_min"):
+        lk.binary_elbo(zero, images.double() / 127.5 - 1, seeds=range(n), sigma_min=0.2, sigma_min_low=0.5)
+
+
 def test_vjp_trace_through_a_real_network_matches_its_jacobian():
     from omegaconf import OmegaConf
 
@@ -220,7 +243,7 @@ def test_evaluate_likelihood_metrics_on_binary_digits():
     """evaluation.likelihood.likelihood_metrics: the ELBO of binarized data from eval.nll_elbo_sigma_min, seeds
     eval.seed + i."""
     from data import build_dataset
-    from evaluation.likelihood import likelihood_metrics
+    from evaluation.likelihood import format_likelihood, likelihood_metrics
     from evaluation.settings import DEFAULT_EVAL
     from tests.helpers import compose
 
@@ -239,6 +262,13 @@ def test_evaluate_likelihood_metrics_on_binary_digits():
                                  sigma_max=80.0, num_steps=16)
     assert details["method"] == "elbo" and details["sigma_min"] == 0.2 and details["num_images"] == 6
     assert metrics["nll_elbo_bpd"] == pytest.approx(float(direct.mean()), rel=1e-12)
+    # Beside it, under its own name, the bound from the sampler's σ_min (0.002).
+    info: dict = {}
+    lk.nll_bits_per_dim(Tanh(), test.all_images()[:6], seeds=range(3, 9), method="elbo", sigma_min=0.2,
+                        sigma_max=80.0, num_steps=16, elbo_sigma_min_low=0.002, info=info)
+    assert details["sigma_min_low"] == 0.002
+    assert metrics["nll_elbo_bpd_smin0.002"] == pytest.approx(float(info["low_bpd"].mean()), rel=1e-12)
+    assert "nll_elbo_bpd_smin0.002 = " in format_likelihood(metrics, details)
     assert metrics["nll_elbo_bpd_sem"] == pytest.approx(float(direct.std()) / math.sqrt(6), rel=1e-9)
     terms = details["terms_bpd"]
     assert sum(terms.values()) == pytest.approx(metrics["nll_elbo_bpd"], rel=1e-9)
