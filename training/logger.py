@@ -81,31 +81,35 @@ class RunLogger:
 
 class TickMeter:
     """What one tick (``train.tick_kimg``) of training sums up, per rank: the weighted loss, the unweighted MSE, the
-    images and the gradient norm; ``record`` reduces the sums over ranks into the tick's metrics."""
+    images and the gradient norm; ``record`` reduces the sums over ranks into the tick's metrics.
+
+    ``add`` runs every step and stays on the device (no host read, no host-to-device copy: the image count is a
+    host number); ``record`` reads the sums once per tick."""
 
     def __init__(self, cur_nimg: int, device: torch.device):
         self.nimg, self.time = cur_nimg, time.time()
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.images = 0  # this rank's images in the tick
 
     def add(self, stats: dict[str, Any], images: int, world_size: int) -> None:
         """Add one step's ``stats`` (``loss_sum``, ``mse_sum``, ``grad_norm``) over this rank's ``images``."""
         # The gradient norm is the same on every rank: each adds its share, so the sum over ranks counts it once.
-        self.sums += torch.stack([stats["loss_sum"], stats["mse_sum"], stats["loss_sum"].new_tensor(images),
-                                  stats["grad_norm"].double() / world_size])
+        self.sums += torch.stack([stats["loss_sum"], stats["mse_sum"], stats["grad_norm"].double() / world_size])
+        self.images += images
 
     def record(self, cur_nimg: int, step: int, batch: int, num_dims: int, lr: float, ema_beta: float,
                skipped_steps: int) -> dict[str, Any]:
         """The tick's metrics (a collective call: every rank must make it). Losses are per image and dimension."""
-        totals = all_reduce_sum(self.sums.clone())
-        images = float(totals[2])
+        local = torch.cat([self.sums, self.sums.new_tensor([float(self.images)])])
+        loss, mse, grad_norm, images = all_reduce_sum(local).tolist()
         elapsed = time.time() - self.time
         kimg_done = (cur_nimg - self.nimg) / 1000
         steps_done = max(kimg_done * 1000 / batch, 1e-9)
         return {
             "kimg": cur_nimg / 1000, "step": step,
-            "loss": float(totals[0]) / max(images, 1) / num_dims,  # weighted loss per dimension
-            "mse": float(totals[1]) / max(images, 1) / num_dims,  # unweighted ‖D − y‖² per dimension
-            "grad_norm": float(totals[3]) / steps_done,
+            "loss": loss / max(images, 1) / num_dims,  # weighted loss per dimension
+            "mse": mse / max(images, 1) / num_dims,  # unweighted ‖D − y‖² per dimension
+            "grad_norm": grad_norm / steps_done,
             "lr": lr, "ema_beta": ema_beta, "skipped_steps": skipped_steps,
             "img_per_s": kimg_done * 1000 / max(elapsed, 1e-9),
             "sec_per_kimg": elapsed / max(kimg_done, 1e-9),
@@ -114,4 +118,5 @@ class TickMeter:
 
     def reset(self, cur_nimg: int) -> None:
         self.sums.zero_()
+        self.images = 0
         self.nimg, self.time = cur_nimg, time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,13 +50,56 @@ def zero_nonfinite_gradients(parameters: Iterator[torch.Tensor]) -> None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to ``dtype`` on ``device``'s type, or nothing for fp32."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def build_adam(params: list[torch.nn.Parameter], train_cfg: Any, device: torch.device) -> torch.optim.Adam:
+    """Adam with ``train.lr``, ``betas``, ``eps``, ``weight_decay``, in its fastest exact implementation:
+    ``train.fused_adam`` auto = the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere; true = fused
+    everywhere (CPU included); false = foreach. On the CPU foreach gives the same numbers, bit for bit, as PyTorch's
+    default per-parameter loop (the fused CPU kernel does not), with one launch per operation for all tensors."""
+    t = train_cfg
+    fused = t.fused_adam is True or (t.fused_adam == "auto" and device.type == "cuda")
+    return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                            fused=fused or None, foreach=None if fused else True)
+
+
+def set_adam_implementation(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After ``load_state_dict`` (which takes ``fused``/``foreach`` from the checkpoint): this run's implementation,
+    with each parameter's step count where it expects it (fused: a float32 tensor on the parameter's device;
+    foreach: on the CPU)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(p.device if fused else "cpu", torch.float32)
+
+
+def loader_settings(num_workers: Any, device: torch.device) -> tuple[int, bool, str]:
+    """(worker processes, pin_memory, why) of the training DataLoader for ``train.num_workers`` on ``device``.
+
+    ``auto``: on a GPU, min(8, c − 1) workers, c = the CPUs this process may use divided by the processes on the
+    node (torchrun's ``LOCAL_WORLD_SIZE``), and pinned memory, so that reading overlaps the step and copies to the
+    device are asynchronous; on the CPU no workers: the step itself uses every core, a worker would take its threads
+    away, and the in-memory datasets of CPU runs (the digits) cost under 1% of a step to read. A number is used as
+    given (pinned memory on a GPU)."""
+    cuda = device.type == "cuda"
+    if num_workers != "auto":
+        return int(num_workers), cuda, "train.num_workers"
+    if not cuda:
+        return 0, False, "auto: CPU training uses the cores itself"
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    workers = max(1, min(8, cpus // max(local_world_size, 1) - 1))
+    return workers, True, f"auto: {cpus} CPUs for {local_world_size} process(es) on this node"
 
 
 def micro_batch(batches: Iterator, device: torch.device, *, augment: Any = None, channels_last: bool = False,
@@ -72,7 +116,7 @@ def micro_batch(batches: Iterator, device: torch.device, *, augment: Any = None,
         images = images.contiguous(memory_format=torch.channels_last)
     onehot = None
     if label_dim:
-        onehot = torch.nn.functional.one_hot(labels.to(device).long(), label_dim).float()
+        onehot = torch.nn.functional.one_hot(labels.to(device, non_blocking=True).long(), label_dim).float()
         if keep is not None:
             onehot = onehot * keep
     return images, onehot, augment_labels

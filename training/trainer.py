@@ -48,8 +48,10 @@ from training.checkpoint import (
     export_safetensors,
     latest_checkpoint,
     load_checkpoint,
+    optional_entries,
     prune_checkpoints,
     resolve_checkpoint,
+    restore_optional_entries,
     save_checkpoint,
 )
 from training.denoiser import build_denoiser, build_uncertainty
@@ -70,12 +72,14 @@ from training.step import (
     NONFINITE_MODES,
     PRECISIONS,
     autocast,
-    batch_indices,
+    build_adam,
     learning_rate,
+    loader_settings,
     micro_batch,
-    non_finite_message,
+    set_adam_implementation,
     zero_nonfinite_gradients,
 )
+from training.step_checks import NonFiniteGuard, StopVote
 
 log = logging.getLogger("sigmalab.train")
 
@@ -241,16 +245,23 @@ class Trainer:
         """The EMA, the optimizer, the loss scaler, the (DDP-wrapped, compiled) model and the noise generator."""
         t = self.cfg.train
         self.ema = build_ema(self.denoiser, t)  # train.ema: halflife (EDM) | power (EDM2, training.posthoc_ema)
-        fused = (t.fused_adam is True or (t.fused_adam == "auto" and self.device.type == "cuda")) or None
-        self.optimizer = torch.optim.Adam(self.trained_parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                          weight_decay=t.weight_decay, fused=fused)
+        self.optimizer = build_adam(self.trained_parameters(), t, self.device)  # fused on CUDA, else foreach
         self.autocast_dtype = PRECISIONS[t.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.model: torch.nn.Module = self.denoiser
         if self.dist.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        # train.compile: one graph for the whole loss (noise, preconditioning, network, weighting, squared error).
+        # Under DDP the wrapped network is compiled instead: PyTorch's DDPOptimizer then splits its graph at the
+        # gradient buckets, which needs the DDP module to be the compiled one.
+        self.forward = torch.compile(self.model) if t.compile and self.dist.distributed else self.model
+        self.loss_terms = torch.compile(self._loss_terms) if t.compile and not self.dist.distributed \
+            else self._loss_terms
+        self.guard = NonFiniteGuard(t.nonfinite, fp16=t.precision == "fp16", device=self.device,
+                                    num_images=len(self.dataset), seed=self.cfg.seed, rank=self.rank,
+                                    batch_per_rank=self.batch_per_rank, max_skipped=t.max_skipped_steps)
+        self.stop_vote = StopVote(self.device, self.dist.distributed)
         # The global-batch noise stream (same seed on every rank); dropout and augmentation use the per-rank RNG.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
 
@@ -266,17 +277,28 @@ class Trainer:
         # The loader gets its own generator: creating its iterator draws a base seed, which must not come from (and
         # shift) the global RNG that the noise and σ draws use — otherwise a resumed run would diverge.
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.rank)
-        workers = self.cfg.train.num_workers
+        workers, pin, why = loader_settings(self.cfg.train.num_workers, self.device)
+        self.loader_workers = workers
+        if self.dist.is_main:
+            log.info("data loader: %d worker process(es)%s (%s)", workers, ", pinned memory" if pin else "", why)
         loader = torch.utils.data.DataLoader(self.dataset, sampler=sampler, batch_size=self.batch_gpu,
-                                             num_workers=workers, pin_memory=self.device.type == "cuda",
-                                             persistent_workers=workers > 0, generator=generator)
+                                             num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                                             generator=generator)
         return iter(loader)
+
+    def _loss_terms(self, images: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, class_labels: Any,
+                    augment_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-sample weighted loss and unweighted error of one micro-batch (what ``train.compile`` compiles)."""
+        out = self.loss_fn(self.forward, images, class_labels=class_labels, augment_labels=augment_labels,
+                           sigma=sigma, noise=noise)
+        return out.loss, out.mse
 
     # --- one optimisation step ---------------------------------------------------------------------------------------
 
     def train_step(self, batches: Iterator) -> dict[str, Any]:
         """One optimizer step on one global batch; returns its ``lr``, ``ema_beta``, this rank's ``loss_sum`` and
-        ``mse_sum``, the global ``grad_norm`` and whether the step was ``finite`` (else it was skipped or raised)."""
+        ``mse_sum``, the global ``grad_norm`` and ``bad``, the device flag of a non-finite step (None with
+        ``nonfinite=zero``). Reads nothing back from the device: ``self.guard.check`` reports non-finite steps."""
         t, device = self.cfg.train, self.device
         lr = learning_rate(t, self.cur_nimg)
         for group in self.optimizer.param_groups:
@@ -302,55 +324,40 @@ class Trainer:
             sync = round_idx == self.accum_rounds - 1 or not self.dist.distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(device, self.autocast_dtype):
-                    out = self.loss_fn(self.forward, images, class_labels=onehot, augment_labels=augment_labels,
-                                       sigma=sigma_all[part], noise=noise_all[part])
-                self.scaler.scale(out.loss.sum().div(self.batch_per_rank)).backward()
-            self.schedule.update(out.sigma, out.mse)
-            loss_sum += out.loss.detach().sum().double()
-            mse_sum += out.mse.sum().double()
-            sigmas.append(out.sigma.detach())
+                    loss, mse = self.loss_terms(images, sigma_all[part], noise_all[part], onehot, augment_labels)
+                self.scaler.scale(loss.sum().div(self.batch_per_rank)).backward()
+            self.schedule.update(sigma_all[part], mse)
+            loss_sum += loss.detach().sum().double()
+            mse_sum += mse.sum().double()
+            sigmas.append(sigma_all[part])
 
         if self.dist.distributed and self.uncertainty is not None:  # DDP averages only the denoiser's gradients
             for p in self.uncertainty.parameters():
                 if p.grad is not None:
                     all_reduce_sum(p.grad).div_(self.world)
-        # Non-finite check on the global loss and the (already all-reduced) gradient norm: every rank decides alike.
-        self.scaler.unscale_(self.optimizer)
+        # Non-finite check on the global loss and the (already all-reduced) gradient norm: every rank decides alike,
+        # on the device (training.step_checks: a skip happens there, the report at the next boundary).
+        global_loss = all_reduce_sum(loss_sum.clone())
         params = self.trained_parameters()
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.scaler.is_enabled():  # fp16 + skip: a non-finite loss becomes non-finite gradients for the scaler
+            self.guard.poison_for_scaler(self.guard.flag(global_loss, None), grads)
+        self.scaler.unscale_(self.optimizer)
         if t.nonfinite == "zero":  # EDM2: NaN/inf gradient elements become 0, the step is taken (no host sync)
             zero_nonfinite_gradients(params)
-        max_norm = t.grad_clip if t.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        global_loss = all_reduce_sum(loss_sum.clone())
-        finite = t.nonfinite == "zero" or (
-            bool(torch.isfinite(global_loss)) and (t.precision == "fp16" or bool(torch.isfinite(grad_norm))))
-        if finite:
-            self.scaler.step(self.optimizer)
+        grad_norm = torch.nn.utils.get_total_norm(grads)  # one pass; the scaling pass only when clipping
+        if t.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
+        bad = self.guard.flag(global_loss, grad_norm)
+        self.guard.optimizer_step(self.optimizer, self.scaler, bad)
         self.scaler.update()
-        start_nimg = self.cur_nimg
+        self.guard.record(self.step, self.cur_nimg, bad, global_loss, grad_norm,
+                          sigmas[0] if len(sigmas) == 1 else torch.cat(sigmas))
         self.cur_nimg += self.batch
         self.step += 1
-        if not finite:
-            self._non_finite(start_nimg, torch.cat(sigmas), global_loss, grad_norm)
         ema_beta = self.ema.update(self.denoiser, self.cur_nimg, self.batch)
         return {"lr": lr, "ema_beta": ema_beta, "loss_sum": loss_sum, "mse_sum": mse_sum, "grad_norm": grad_norm,
-                "finite": finite}
-
-    def _non_finite(self, start_nimg: int, sigma: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Report the non-finite step that began at ``start_nimg``: raise (``train.nonfinite=stop``) or count it as
-        skipped (``skip``), raising once more than ``train.max_skipped_steps`` were skipped."""
-        # The dataset indices this rank trained on in that step.
-        indices = batch_indices(len(self.dataset), self.cfg.seed, start_nimg + self.rank * self.batch_per_rank,
-                                self.batch_per_rank)
-        message = non_finite_message(self.step - 1, start_nimg, loss, grad_norm, sigma, self.rank, indices)
-        if self.cfg.train.nonfinite == "stop":
-            raise FloatingPointError(message + "; the last checkpoint is intact: resume from it with a lower train.lr"
-                                     " or train.grad_clip, or set train.nonfinite=skip")
-        self.skipped_steps += 1
-        log.warning("%s — step skipped (%d so far)", message, self.skipped_steps)
-        if self.skipped_steps > self.cfg.train.max_skipped_steps:
-            raise FloatingPointError(f"{message}; more than train.max_skipped_steps="
-                                     f"{self.cfg.train.max_skipped_steps} steps skipped")
+                "bad": bad}
 
     # --- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -365,7 +372,7 @@ class Trainer:
                 "progress": {"cur_nimg": self.cur_nimg, "step": self.step, "skipped_steps": self.skipped_steps},
                 "net": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "schedule": schedule_states, "rng": rng_states, **self._optional_entries(),
+                "schedule": schedule_states, "rng": rng_states, **optional_entries(self.ema, self.uncertainty),
             })
             keep_every = self.cfg.train.keep_every_kimg
             prune_checkpoints(run_dir, self.cfg.train.keep_checkpoints,
@@ -379,16 +386,6 @@ class Trainer:
         return {"img_resolution": self.dataset.resolution, "img_channels": self.dataset.num_channels,
                 "label_dim": self.label_dim, "augment_dim": self.augment_dim,
                 "latent_info": getattr(self.dataset, "latent_info", None)}
-
-    def _optional_entries(self) -> dict[str, Any]:
-        """Checkpoint entries only some runs have: ``ema_power`` (train.ema=power: the profiles after the first)
-        and ``uncertainty`` (weighting=edm2_uncertainty: the learned u(σ))."""
-        entries: dict[str, Any] = {}
-        if hasattr(self.ema, "extra_state"):
-            entries["ema_power"] = self.ema.extra_state()
-        if self.uncertainty is not None:
-            entries["uncertainty"] = self.uncertainty.state_dict()
-        return entries
 
     def _save_ema_snapshots(self, run_dir: Path, resolved: dict) -> None:
         """train.ema=power: low-precision snapshots of every EMA profile (rank 0), for post-hoc EMA."""
@@ -420,11 +417,10 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.denoiser.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
-        if hasattr(self.ema, "load_extra_state"):
-            self.ema.load_extra_state(state["ema_power"])
-        if self.uncertainty is not None:
-            self.uncertainty.load_state_dict(state["uncertainty"])
+        restore_optional_entries(state, self.ema, self.uncertainty)  # train.ema=power, weighting=edm2_uncertainty
+        fused = all(group.get("fused") for group in self.optimizer.param_groups)
         self.optimizer.load_state_dict(state["optimizer"])
+        set_adam_implementation(self.optimizer, fused)  # this run's, not the checkpoint's (fused / foreach)
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         progress = state["progress"]
@@ -554,32 +550,52 @@ class Trainer:
                     desc="training", disable=None, mininterval=1.0)
 
     def _loop(self, run: _Run, batches: Iterator, signals: StopSignals) -> None:
-        stop_flag = torch.zeros((), device=self.device)
+        """Steps until the budget or a stop. Between boundaries (``_boundary``) nothing is read from the device."""
         while self.cur_nimg < self.total_nimg:
             prev_nimg = self.cur_nimg
-            stats = self.train_step(batches)
-            run.meter.add(stats, self.batch_per_rank, self.world)
-            schedule_stats = self.schedule.on_step(self.step)
+            try:
+                stats = self.train_step(batches)
+                run.meter.add(stats, self.batch_per_rank, self.world)
+                schedule_stats = self.schedule.on_step(self.step)
+            except Exception:
+                # A failure that follows an unreported non-finite step (an adaptive schedule fed NaN errors, say) is
+                # reported as that step's fault.
+                self._report_nonfinite()
+                raise
             if run.progress is not None:
                 run.progress.update(self.cur_nimg - prev_nimg)
-            # Pre-emption: every rank must agree to stop at the same step.
-            stop_flag.fill_(1.0 if signals.received else 0.0)
-            stop = bool(all_reduce_sum(stop_flag) > 0) if self.dist.distributed else bool(signals.received)
-            self._periodic(run, prev_nimg, stats, schedule_stats, stop)
+            if schedule_stats and self.dist.is_main:
+                run.logger.log({"kimg": self.cur_nimg / 1000, "step": self.step,
+                                **{f"schedule/{k}": v for k, v in schedule_stats.items()}})
+            # Pre-emption: every rank must agree to stop at the same step (under DDP: one step after the signal).
+            stop = self.stop_vote.vote(signals.received is not None)
+            if self._boundary(prev_nimg, stop):
+                # Non-finite steps since the last boundary are reported (or counted) before anything is logged or
+                # saved, so no checkpoint holds an unreported non-finite update.
+                self._report_nonfinite()
+                self._periodic(run, prev_nimg, stats, stop)
             if stop:
                 self._stopped(run.run_dir, signals.received)
                 break
 
-    def _periodic(self, run: _Run, prev_nimg: int, stats: dict[str, Any], schedule_stats: dict | None,
-                  stop: bool) -> None:
-        """What falls due after the step that took ``prev_nimg`` to ``cur_nimg``: schedule statistics, the tick's
-        metrics, a sample grid, an evaluation, a checkpoint (the last three on their intervals; the tick and the
-        checkpoint also at the end and on a stop)."""
+    def _report_nonfinite(self) -> None:
+        """Raise for (``nonfinite=stop``) or count (``skip``) the non-finite steps since the last boundary."""
+        self.guard.check(self.skipped_steps, on_skip=lambda n: setattr(self, "skipped_steps", n))
+
+    def _boundary(self, prev_nimg: int, stop: bool) -> bool:
+        """Whether anything falls due after the step that took ``prev_nimg`` to ``cur_nimg`` (alike on every rank)."""
+        t = self.cfg.train
+        intervals = (t.tick_kimg, t.snapshot_kimg if t.grid_seeds else None, self.cfg.eval.get("every_kimg"),
+                     t.get("ema_snapshot_kimg"), t.checkpoint_kimg)
+        return (stop or self.cur_nimg >= self.total_nimg
+                or any(interval_due(prev_nimg, self.cur_nimg, every) for every in intervals))
+
+    def _periodic(self, run: _Run, prev_nimg: int, stats: dict[str, Any], stop: bool) -> None:
+        """What falls due after the step that took ``prev_nimg`` to ``cur_nimg``: the tick's metrics, a sample grid,
+        an evaluation, EMA snapshots, a checkpoint (on their intervals; the tick and the checkpoint also at the end and
+        on a stop)."""
         t = self.cfg.train
         done = self.cur_nimg >= self.total_nimg
-        if schedule_stats and self.dist.is_main:
-            run.logger.log({"kimg": self.cur_nimg / 1000, "step": self.step,
-                            **{f"schedule/{k}": v for k, v in schedule_stats.items()}})
         if done or stop or interval_due(prev_nimg, self.cur_nimg, t.tick_kimg):
             self._log_tick(run, stats)
         if self.dist.is_main and t.grid_seeds and (done or interval_due(prev_nimg, self.cur_nimg, t.snapshot_kimg)):
