@@ -104,7 +104,8 @@ def validate_train_config(cfg: Any, world_size: int = 1) -> None:
     _require(p == 0 or bool(cfg.data.get("cond", False)), "train.label_dropout",
              "label dropout needs a class-conditional model: set data.cond=true (or train.label_dropout=0)")
     nw = t.num_workers
-    _require(isinstance(nw, int) and nw >= 0, "train.num_workers", f"must be an integer >= 0, got {nw!r}")
+    _require(nw == "auto" or (isinstance(nw, int) and not isinstance(nw, bool) and nw >= 0), "train.num_workers",
+             f"must be 'auto' or an integer >= 0, got {nw!r}")
     for field in ("train.tick_kimg",):
         _positive_number(cfg, field)
     for field in ("train.snapshot_kimg", "train.checkpoint_kimg"):
