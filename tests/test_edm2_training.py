@@ -209,3 +209,32 @@ def test_tiny_edm2_trains_resumes_exactly_and_samples_posthoc(tmp_path):
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (8, 8, 8, 1) and f["samples"].std() > 0
     assert json.loads((out / "samples.json").read_text())["ema"] == {"sigma_rel": 0.08, "at_kimg": 5.12}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_u_like_one_process(tmp_path):
+    """Under DDP the learned u(σ) is outside the DDP module: its gradients are averaged by hand, so 2 processes x 16
+    images train it (and the denoiser, and every EMA profile) like 1 process x 32, up to float summation order."""
+    import sys
+
+    from tests.test_distributed import PARAM_ATOL, _assert_close_params, run_cli_torchrun
+
+    extra = ["weighting=edm2_uncertainty", "train.ema=power", "train.ema_snapshot_kimg=0.128", "device=cpu"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_cli("train.py", f"run_dir={single}", *FAST_TRAIN, *extra)
+    run_cli_torchrun(["train.py", f"run_dir={ddp}", *FAST_TRAIN, *extra], sys.executable)
+    a, b = load_checkpoint(single), load_checkpoint(ddp)
+    assert a["progress"] == b["progress"]
+    for key in ("net", "ema", "uncertainty"):
+        _assert_close_params(a[key], b[key])
+    for pa, pb in zip(a["ema_power"]["profiles"], b["ema_power"]["profiles"]):
+        _assert_close_params(pa, pb)
+    # The u(σ) weights moved from the run's own initialisation (so this is not a comparison of two untouched ones).
+    start = Trainer(compose("train", [f"run_dir={tmp_path / 'init'}", *FAST_TRAIN, *extra]), init_distributed("cpu"))
+    trained = EDM2LogVar(128)
+    trained.load_state_dict(a["uncertainty"])
+    c_noise = torch.linspace(-1.5, 1.0, 11)
+    with torch.no_grad():
+        moved = (trained.eval()(c_noise) - start.uncertainty.eval()(c_noise)).abs().max()
+    assert moved > 100 * PARAM_ATOL, float(moved)
+    assert len(list_snapshots(ddp)) == len(list_snapshots(single)) == 4

@@ -11,6 +11,10 @@ so opening a checkpoint never runs code):
     schedule: [one state dict per process] (an adaptive schedule's state, e.g. InfoNoise's, incl. per-rank windows)
     rng: [one {torch: CPU generator state, noise: the run's σ/noise generator state, cuda: [per-device states],
           present where CUDA was} per process] (``training.rng.capture_rng_state``)
+    ema_power:   train.ema=power only: {sigma_rels, profiles: [state dicts of the profiles after the first]} (the
+                 first profile is ``ema``; ``training.posthoc_ema``)
+    uncertainty: weighting=edm2_uncertainty only: the learned u(σ)'s state dict (not averaged into any EMA)
+Older checkpoints lack the last two; runs that do not use them never read them (``optional_entries``).
 
 Files are named ``checkpoint-<images seen, 10 digits>.pt`` inside ``<run_dir>/checkpoints/``. ``save_checkpoint``
 writes to a temporary file in the same directory, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs
@@ -93,6 +97,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} has checkpoint format version {state.get('version')}; this sigmalab reads "
                               f"version {VERSION}")
     return state
+
+
+def optional_entries(ema: Any, uncertainty: torch.nn.Module | None) -> dict[str, Any]:
+    """The entries only some runs have: ``ema_power`` (an EMA with ``extra_state``, train.ema=power) and
+    ``uncertainty`` (the learned u(σ) of weighting=edm2_uncertainty)."""
+    entries: dict[str, Any] = {}
+    if hasattr(ema, "extra_state"):
+        entries["ema_power"] = ema.extra_state()
+    if uncertainty is not None:
+        entries["uncertainty"] = uncertainty.state_dict()
+    return entries
+
+
+def restore_optional_entries(state: dict[str, Any], ema: Any, uncertainty: torch.nn.Module | None) -> None:
+    """Load what ``optional_entries`` saved into the run's EMA and u(σ) (a run resumes only a checkpoint of the same
+    config, so an entry the run needs is present)."""
+    if hasattr(ema, "load_extra_state"):
+        ema.load_extra_state(state["ema_power"])
+    if uncertainty is not None:
+        uncertainty.load_state_dict(state["uncertainty"])
 
 
 def _nimg_of(path: Path) -> int:
