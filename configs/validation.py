@@ -23,6 +23,10 @@ RESUME_MUST_MATCH = ("model", "data", "precond", "schedule", "weighting", "seed"
                      "train.ema_rampup_ratio", "train.lr_rampup_kimg", "train.grad_clip", "train.lr_schedule",
                      "train.lr_ref_kimg", "train.ema", "train.ema_sigma_rels", "train.sigma_draw")
 
+# Where the data lies, not what it is: never compared on resume, so moving a dataset (to node-local disk, another
+# mount) does not block it. ``config_differences`` also skips any data key whose value embeds data.path.
+LOCATION_KEYS = ("data.path", "data.test_path", "data.prepare_cmd", "data.vae")
+
 # Keys added after checkpoints were first written: a saved config without them had these values.
 RESUME_DEFAULTS = {"train.lr_schedule": "constant", "train.lr_ref_kimg": None, "train.ema": "halflife",
                    "train.sigma_draw": "iid"}
@@ -37,12 +41,8 @@ SNAPSHOT_DTYPES = ("fp16", "bf16", "fp32")
 NONFINITE_MODES = ("stop", "skip", "zero")
 SIGMA_DRAWS = ("iid", "stratified")  # diffusion.schedules.SIGMA_DRAWS
 
-# Where the data lies, not what it is: never compared on resume, so moving a dataset (to node-local disk, another
-# mount) does not block it. ``config_differences`` also skips any data key whose value embeds data.path.
-LOCATION_KEYS = ("data.path", "data.test_path", "data.prepare_cmd", "data.vae")
 
-
-VALID_METRICS = ("fid", "isc", "kid", "prc", "nll")
+VALID_METRICS = ("fid", "isc", "kid", "prc", "fd_dinov2", "nll")
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,9 @@ Which features (``eval.feature_extractor``):
   8x8 digits (``evaluation/digits_classifier.py``). This is the usual "classifier FID" of MNIST-like data; it is
   reported as ``fid_digits_classifier`` / "classifier-FID (digits-classifier features)", a different scale from
   Inception FID, and is never to be compared with one.
+- ``dinov2-vit-l-14-edm2``: DINOv2 ViT-L/14 CLS features (1024-d) with EDM2's preprocessing
+  (``evaluation/dinov2.py``); ``fid_dinov2`` is FD-DINOv2, and KID / precision-recall in these features are
+  ``kid_dinov2_*`` / ``prc_dinov2_*`` (no IS). ``eval.metrics=[..., fd_dinov2]`` adds FD-DINOv2 beside any extractor.
 - ``auto`` (default): digits-classifier for the digits datasets (data.source digits or data.name digits /
   binary_digits), Inception otherwise.
 
@@ -49,9 +52,11 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from configs import to_plain_dict
 from evaluation.digits_classifier import file_digest, load_or_train_digits_classifier, register_digits_classifier
+from evaluation.dinov2 import dinov2_weights_file
 from evaluation.settings import (
     DIGITS_DATASETS,
     DIGITS_EXTRACTOR,
+    DINOV2_EXTRACTOR,
     INCEPTION_EXTRACTOR,
     VALID_EXTRACTORS,
     eval_settings,
@@ -257,6 +262,7 @@ def _digits_classifier_file(settings: Mapping[str, Any], data_cfg: Any) -> str:
 WEIGHTS_RESOLVERS: dict[str, Callable[[Mapping[str, Any], Any], str | None]] = {
     DIGITS_EXTRACTOR: _digits_classifier_file,
     INCEPTION_EXTRACTOR: inception_weights_file,
+    DINOV2_EXTRACTOR: dinov2_weights_file,  # eval.dinov2_weights_path (evaluation/dinov2.py)
 }
 
 

@@ -21,39 +21,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch_fidelity
 from torch import Tensor
 
+from evaluation.feature_metrics import FeatureSet, image_features, metrics_from_features
 from evaluation.features import (
-    UInt8Images,
-    eval_device,
-    extract_features,
     extractor_for,
     extractor_weights,
     image_set_shape,
-    inception_download_guard,
 )
-from evaluation.frechet import feature_statistics, frechet_distance
 from evaluation.reference_stats import (
+    check_fd_dinov2_reference,
     check_reference_statistics,
     compute_reference_statistics,
     load_reference_statistics,
 )
-from evaluation.settings import EXTRACTOR_TAGS, INCEPTION_EXTRACTOR, check_sample_metrics, eval_settings, safe_name
+from evaluation.settings import DINOV2_EXTRACTOR, INCEPTION_EXTRACTOR, check_sample_metrics, eval_settings
 
-__all__ = ["compute_metrics", "load_samples", "to_nchw"]
+__all__ = ["compute_metrics", "metrics_of_features", "load_samples", "to_nchw"]
 
-# torch-fidelity result key -> our key template ({tag} = extractor tag).
-_KEY_MAP = {
-    torch_fidelity.KEY_METRIC_FID: "fid_{tag}",
-    torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_{tag}_mean",
-    torch_fidelity.KEY_METRIC_ISC_STD: "isc_{tag}_std",
-    torch_fidelity.KEY_METRIC_KID_MEAN: "kid_{tag}_mean",
-    torch_fidelity.KEY_METRIC_KID_STD: "kid_{tag}_std",
-    torch_fidelity.KEY_METRIC_PRECISION: "prc_{tag}_precision",
-    torch_fidelity.KEY_METRIC_RECALL: "prc_{tag}_recall",
-    torch_fidelity.KEY_METRIC_F_SCORE: "prc_{tag}_f_score",
-}
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
@@ -99,35 +84,39 @@ def compute_metrics(
         reference_stats = settings.get("reference_stats")
     n_gen, n_ref, gen_shape = _check_image_sets(generated, reference, metrics, reference_stats is not None)
     extractor = extractor_for(feature_extractor, data_cfg, reference)
-    weights_path, extractor_id = extractor_weights(extractor, settings, data_cfg, classifier_path)
     if extractor == INCEPTION_EXTRACTOR and gen_shape[0] not in (1, 3):
         raise ValueError(f"Inception features need 1- or 3-channel images, got {gen_shape[0]} channels")
-    tag = EXTRACTOR_TAGS[extractor]
-    out: dict[str, float] = {}
-    with_reference = [m for m in metrics if m != "isc"]
+    features = image_features(generated, metrics, extractor, settings=settings, data_cfg=data_cfg,
+                              classifier_path=classifier_path, device=device,
+                              progress="features (samples)" if progress else None)
+    return metrics_of_features(features, reference, metrics=metrics, feature_extractor=extractor,
+                               reference_cache_name=reference_cache_name, eval_cfg=settings, data_cfg=data_cfg,
+                               classifier_path=classifier_path, device=device, reference_stats=reference_stats,
+                               progress=progress)
+
+
+def metrics_of_features(
+    features: FeatureSet, reference: Any, *, metrics: Sequence[str] = ("fid",), feature_extractor: str = "auto",
+    reference_cache_name: str | None = None, eval_cfg: Any = None, data_cfg: Any = None,
+    classifier_path: str | None = None, device: str | torch.device | None = None,
+    reference_stats: Mapping[str, Any] | str | os.PathLike | None = None, progress: bool = False,
+) -> dict[str, float]:
+    """``compute_metrics`` of images given by their features (``evaluation.feature_metrics.image_features``, e.g.
+    gathered from the ranks of a torchrun job): the same arguments, the same keys and values."""
+    settings = eval_settings(eval_cfg)
+    metrics = check_sample_metrics(metrics)
+    if reference_stats is None:
+        reference_stats = settings.get("reference_stats")
+    extractor = extractor_for(feature_extractor, data_cfg, reference)
+    stats = None
     if reference_stats is not None:
         stats = reference_stats if isinstance(reference_stats, Mapping) else load_reference_statistics(reference_stats)
-        stats = _usable_reference_stats(stats, extractor, extractor_id, settings, data_cfg, classifier_path, device)
-        out[f"fid_{tag}"] = _fid_against_statistics(generated, stats, extractor, settings, data_cfg, classifier_path,
-                                                    device, progress)
-        metrics = [m for m in metrics if m != "fid"]
-        with_reference = []
-        if not metrics:
-            return out
-    kwargs = _fidelity_arguments(generated, metrics, extractor, weights_path, settings, device, progress)
-    if with_reference:
-        kwargs["input2"] = UInt8Images(reference, extractor == INCEPTION_EXTRACTOR,
-                                       "features (reference)" if progress else None)
-        if reference_cache_name is not None:
-            kwargs["input2_cache_name"] = safe_name(f"{reference_cache_name}-{extractor_id}-n{n_ref}")
-    if "kid" in metrics:
-        kwargs["kid_subset_size"] = min(1000, n_gen, n_ref)
-    with inception_download_guard(extractor, weights_path):
-        raw = torch_fidelity.calculate_metrics(**kwargs)
-    for key, value in raw.items():
-        template = _KEY_MAP.get(key, key + "_{tag}")
-        out[template.format(tag=tag)] = float(value)
-    return out
+        stats = _usable_reference_stats(stats, metrics, extractor, settings, data_cfg, classifier_path, device)
+    elif reference is None:
+        raise ValueError("the metrics need reference images or reference statistics (eval.reference_stats)")
+    return metrics_from_features(features, reference, metrics=metrics, extractor=extractor, settings=settings,
+                                 data_cfg=data_cfg, classifier_path=classifier_path, device=device,
+                                 reference_cache_name=reference_cache_name, reference_stats=stats, progress=progress)
 
 
 def _check_image_sets(generated: Any, reference: Any, metrics: Sequence[str],
@@ -158,49 +147,20 @@ def _check_image_sets(generated: Any, reference: Any, metrics: Sequence[str],
     return n_gen, n_ref, gen_shape
 
 
-def _fid_against_statistics(generated: Tensor, stats: Mapping[str, Any], extractor: str, settings: Mapping[str, Any],
-                            data_cfg: Any, classifier_path: str | None, device: Any, progress: bool) -> float:
-    """The Fréchet distance of the generated images' features to reference statistics ``{"mu", "sigma"}``."""
-    gen_feats = extract_features(generated, feature_extractor=extractor, eval_cfg=settings, data_cfg=data_cfg,
-                                 classifier_path=classifier_path, device=device,
-                                 progress="features (samples)" if progress else None)
-    mu, sigma = feature_statistics(gen_feats)
-    if mu.shape != stats["mu"].shape:
-        raise ValueError(f"eval.reference_stats has {stats['mu'].shape[0]}-d statistics but the {extractor} "
-                         f"features are {mu.shape[0]}-d: the file was made with another feature extractor")
-    return frechet_distance(mu, sigma, stats["mu"], stats["sigma"])
-
-
-def _fidelity_arguments(generated: Tensor, metrics: Sequence[str], extractor: str, weights_path: str | None,
-                        settings: Mapping[str, Any], device: Any, progress: bool) -> dict[str, Any]:
-    """torch-fidelity's ``calculate_metrics`` arguments for the generated set (the reference is added by the caller)."""
-    device = eval_device(device)
-    cache_dir = os.path.expanduser(str(settings["cache_dir"]))
-    kwargs: dict[str, Any] = {
-        "input1": UInt8Images(generated, extractor == INCEPTION_EXTRACTOR, "features (samples)" if progress else None),
-        "feature_extractor": extractor,
-        "feature_extractor_weights_path": weights_path,
-        "cuda": device.type == "cuda",
-        "batch_size": int(settings["batch"]),
-        "cache_root": os.path.join(cache_dir, "fidelity"),
-        "cache": True,
-        "save_cpu_ram": True,
-        "verbose": False,
-        "rng_seed": int(settings["seed"]),
-    }
-    for m in metrics:
-        kwargs[m] = True
-    return kwargs
-
-
-def _usable_reference_stats(stats: Mapping[str, Any], extractor: str, extractor_id: str, settings: Mapping[str, Any],
-                            data_cfg: Any, classifier_path: str | None, device: Any) -> Mapping[str, Any]:
-    """Check a loaded reference file against the extractor; compute mu/Sigma of an images-only (ADM) file."""
+def _usable_reference_stats(stats: Mapping[str, Any], metrics: Sequence[str], extractor: str,
+                            settings: Mapping[str, Any], data_cfg: Any, classifier_path: str | None,
+                            device: Any) -> Mapping[str, Any]:
+    """Check a loaded reference file against the extractors (the main one, DINOv2 for ``fd_dinov2``); compute the
+    statistics of an images-only (ADM) file."""
     if "images" in stats:
         images = to_nchw(np.asarray(stats["images"]), None, str(stats.get("path", "reference images")))
         return compute_reference_statistics(images, feature_extractor=extractor, eval_cfg=settings,
                                             data_cfg=data_cfg, classifier_path=classifier_path, device=device)
-    check_reference_statistics(stats, extractor, extractor_id)
+    if any(m != "fd_dinov2" for m in metrics):
+        check_reference_statistics(stats, extractor, extractor_weights(extractor, settings, data_cfg,
+                                                                       classifier_path)[1])
+    if "fd_dinov2" in metrics:
+        check_fd_dinov2_reference(stats, extractor_weights(DINOV2_EXTRACTOR, settings, data_cfg, None)[1])
     return stats
 
 

@@ -13,7 +13,8 @@ What is checked, cheapest first:
 2. the output: ``out=`` can be written (its folder exists or can be created);
 3. ``eval.reference_stats``: the file exists and holds mu/sigma or ADM's reference images (``arr_0``), and the
    ``--transform`` it records made the data's images too (``check_reference_transform``);
-4. the feature extractor (``eval.feature_extractor``; ``auto`` resolved with the data config) and its weights file:
+4. the feature extractor (``eval.feature_extractor``; ``auto`` resolved with the data config; DINOv2 too for
+   ``fd_dinov2``, with ``eval.dinov2_weights_path``) and its weights file:
    it exists, or for Inception without ``eval.feature_extractor_weights_path`` it is in torch hub's cache or can be
    downloaded now (``evaluation/features.py``);
 5. without ``eval.reference_stats``: the training split of the data can be built, holds pixel images (not VAE
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 
 from data import build_dataset
 from diffusion.likelihood import NLL_METHODS
+from evaluation.feature_metrics import feature_layers
 from evaluation.features import (
     INCEPTION_PUBLISHED_DIGEST,
     extractor_weights,
@@ -45,12 +47,13 @@ from evaluation.features import (
     resolve_feature_extractor,
 )
 from evaluation.reference_stats import (
+    check_fd_dinov2_reference,
     check_reference_statistics,
     check_reference_transform,
     load_reference_statistics,
     reference_identity,
 )
-from evaluation.settings import INCEPTION_EXTRACTOR, check_metrics
+from evaluation.settings import DINOV2_EXTRACTOR, INCEPTION_EXTRACTOR, check_metrics
 from training.distributed import broadcast_object, get_rank
 
 __all__ = ["PreflightError", "PreflightResult", "check_settings", "check_writable", "check_evaluation",
@@ -135,12 +138,17 @@ def check_evaluation(settings: Mapping[str, Any], data_cfg: Any, *, get_referenc
     result = PreflightResult(metrics)
     if not any(m != "nll" for m in metrics):
         return result
+    main_metrics = [m for m in metrics if m not in ("nll", "fd_dinov2")]  # fd_dinov2 has its own extractor
     stats = None
     if settings.get("reference_stats") is not None:
         stats = load_reference_statistics(settings["reference_stats"])
         check_reference_transform(stats, data_cfg)  # made from images of another crop (ImageNet-64: EDM's vs ADM's)
     extractor = resolve_feature_extractor(settings["feature_extractor"], data_cfg)
-    extractor_weights(extractor, settings, data_cfg, None)  # a missing file or a failed download fails here
+    feature_layers([m for m in metrics if m != "nll"], extractor)  # a metric the extractor cannot give fails here
+    if main_metrics:
+        extractor_weights(extractor, settings, data_cfg, None)  # a missing file or a failed download fails here
+    if "fd_dinov2" in metrics:
+        extractor_weights(DINOV2_EXTRACTOR, settings, data_cfg, None)  # eval.dinov2_weights_path / the download
     if stats is None:
         chw = _reference_shape(get_reference, chw)
         reference = get_reference()
@@ -150,6 +158,13 @@ def check_evaluation(settings: Mapping[str, Any], data_cfg: Any, *, get_referenc
     else:
         result.reference = {"stats": str(stats.get("path")), "num_images": stats.get("num_images"),
                             "extractor_id": stats.get("extractor_id")}
+    if "fd_dinov2" in metrics:
+        dinov2 = probe_extractor(DINOV2_EXTRACTOR, settings, data_cfg,
+                                 None if chw is None else tuple(int(v) for v in chw))
+        if stats is not None:
+            check_fd_dinov2_reference(stats, dinov2["extractor_id"])
+    if not main_metrics:
+        return result
     probe = probe_extractor(extractor, settings, data_cfg, None if chw is None else tuple(int(v) for v in chw))
     if stats is not None and "mu" in stats:
         check_reference_statistics(stats, extractor, probe["extractor_id"], probe["feature_dim"])
@@ -167,6 +182,8 @@ def check_reference_job(settings: Mapping[str, Any], data_cfg: Any, extractor: s
     if out is not None:
         check_writable(out)
     extractor_weights(extractor, settings, data_cfg, None)
+    if "fd_dinov2" in (settings.get("metrics") or []):  # ref=true eval.metrics=[fid,fd_dinov2]: DINOv2's too
+        extractor_weights(DINOV2_EXTRACTOR, settings, data_cfg, None)
     dataset = build_dataset(data_cfg, split="train")
     if getattr(dataset, "latent", False):
         raise ValueError(f"data '{dataset.name}' holds latents; reference statistics need pixel images (use the "

@@ -2,7 +2,9 @@
 
 **Seeds.** Image i comes from seed ``eval.seed + i`` (per-image random streams, ``training/generate.py``), so the
 result does not depend on the batch size or on the number of ranks: under ``torchrun`` each rank generates a
-contiguous slice of the seeds (``evaluation/ranks.py``) and rank 0 gathers them and computes the metrics.
+contiguous slice of the seeds (``evaluation/ranks.py``) and extracts their features; rank 0 gathers the features in
+seed order (in bounded chunks: never the images, which stay on the rank that made them) and computes the metrics
+(``evaluation/feature_metrics.py``), so 50,000 ImageNet-512 samples (39 GB) never meet in one process.
 ``eval.seed_repeats=R`` evaluates R disjoint seed ranges (seed + r·N .. seed + (r+1)·N − 1) and reports the one with
 the **minimum FID**, listing every value: the protocol of EDM (Karras et al. 2022, "Elucidating the Design Space of
 Diffusion-Based Generative Models", arXiv 2206.00364), whose reference implementation (NVlabs/edm) evaluates seeds
@@ -30,6 +32,7 @@ names (``fid_inception``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,12 +43,14 @@ from torch import Tensor
 
 from configs import to_plain_dict
 from data import build_dataset
+from evaluation.feature_metrics import FeatureSet, image_features
 from evaluation.features import resolve_feature_extractor
 from evaluation.likelihood import likelihood_metrics
-from evaluation.metrics import compute_metrics
+from evaluation.metrics import compute_metrics, metrics_of_features
 from evaluation.preflight import PreflightResult, check_evaluation
-from evaluation.ranks import gather_rows, rank_slice, rank_split
+from evaluation.ranks import gather_rows, gather_to_main, rank_slice, rank_split
 from evaluation.reference_stats import reference_identity
+from evaluation.samples_file import SamplesNpzWriter
 from evaluation.settings import check_metrics, eval_settings, primary_key
 from training.denoiser import build_denoiser
 from training.generate import generate_images, latent_codec_for
@@ -71,15 +76,26 @@ def generate_for_eval(
 ) -> Tensor:
     """``eval.num_samples`` uint8 images from seeds ``first_seed .. first_seed + N - 1`` (default first seed
     ``eval.seed``; labels drawn per seed). ``distributed``: under torchrun each rank generates a contiguous slice of
-    the seeds and every rank returns all N images (gathered in seed order); identical to one process. ``progress``
+    the seeds and every rank returns all N images (gathered in seed order); identical to one process (every rank then
+    holds all the images: the evaluation itself, ``evaluate_model``, gathers features instead). ``progress``
     (with ``eval.progress``): a progress bar on rank 0. ``info`` receives this rank's sampling facts (``nfe``,
     ``num_steps``; ``training.generate.generate_images``)."""
     settings = eval_settings(eval_cfg)
     n = int(num_samples if num_samples is not None else settings["num_samples"])
+    first = int(settings["seed"] if first_seed is None else first_seed)
+    images = _my_images(denoiser, data_cfg, settings, sampler_cfg, device=device, n=n, first=first,
+                        distributed=distributed, progress=progress, info=info)
+    return gather_rows(images, rank_split(distributed)[0])
+
+
+def _my_images(denoiser: torch.nn.Module, data_cfg: Any, settings: Mapping[str, Any], sampler_cfg: Any, *,
+               device: str | torch.device, n: int, first: int, distributed: bool, progress: bool = False,
+               info: dict[str, Any] | None = None) -> Tensor:
+    """This rank's contiguous slice of the images of seeds ``first .. first + n - 1`` (all of them without a process
+    group): uint8 [n_rank, C, H, W]."""
     if n < 2:
         raise ValueError(f"eval.num_samples must be >= 2, got {n}")
-    first = int(settings["seed"] if first_seed is None else first_seed)
-    on, rank, world = rank_split(distributed)
+    _, rank, world = rank_split(distributed)
     mine = [first + i for i in rank_slice(n, rank, world)]
     binary = bool(to_plain_dict(data_cfg).get("binarize", False))
     extra: dict[str, Any] = {}
@@ -90,12 +106,14 @@ def generate_for_eval(
     if mine:
         images = generate_images(denoiser, mine, sampler_cfg=sampler_cfg, batch_size=int(settings["batch"]),
                                  device=device, binary=binary, progress=show, info=info, **extra)
-    return gather_rows(images, on)
+    return images
 
 
-def floor_columns(images: Tensor, data_cfg: Any, common: Mapping[str, Any], get_reference: Callable[[], Any],
-                  notes: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """The floor (held-out split vs training split) and the same metric on as many samples."""
+def floor_columns(samples: Tensor | FeatureSet, data_cfg: Any, common: Mapping[str, Any],
+                  get_reference: Callable[[], Any], notes: list[str]) -> tuple[dict[str, dict[str, float]],
+                                                                             dict[str, int]]:
+    """The floor (held-out split vs training split) and the same metric on as many samples (given as images or as
+    their features); ``common``: ``compute_metrics``' keyword arguments."""
     columns: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     try:
@@ -105,9 +123,13 @@ def floor_columns(images: Tensor, data_cfg: Any, common: Mapping[str, Any], get_
         return columns, counts
     held_images = heldout.all_images()
     n_held = len(held_images)
-    if n_held < len(images):
+    n_samples = samples.num_images if isinstance(samples, FeatureSet) else len(samples)
+    if n_held < n_samples:
         key = f"samples@{n_held}"
-        columns[key] = compute_metrics(images[:n_held], get_reference(), **common)
+        if isinstance(samples, FeatureSet):
+            columns[key] = metrics_of_features(samples.first(n_held), get_reference(), **common)
+        else:
+            columns[key] = compute_metrics(samples[:n_held], get_reference(), **common)
         counts[key] = n_held
     columns["floor"] = compute_metrics(held_images, get_reference(), **common)
     counts["floor"] = n_held
@@ -129,21 +151,31 @@ class _Job:
     num_samples: int
     progress: bool = False
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)  # nfe, num_steps of the first seed range
+    samples_path: Any = None  # eval.save_samples: where the first seed range's images go (.npz)
 
-    def metrics_of(self, images: Tensor) -> dict[str, float]:
-        return compute_metrics(images, self.get_reference(), progress=self.progress, **self.common)
+    def features(self, images: Tensor) -> FeatureSet | None:
+        """The features of this rank's images; every rank's, in seed order, on rank 0 (None on the others)."""
+        local = image_features(images, self.common["metrics"], self.common["feature_extractor"],
+                               settings=self.settings, data_cfg=self.data_cfg, device=self.device,
+                               progress="features (samples)" if self.progress and self.main else None)
+        return local.gather(self.distributed)
+
+    def metrics_of(self, features: FeatureSet) -> dict[str, float]:
+        return metrics_of_features(features, self.get_reference(), progress=self.progress, **self.common)
 
 
 def evaluate_model(
     denoiser: torch.nn.Module, data_cfg: Any, sampler_cfg: Any, settings: Mapping[str, Any], *,
     device: str | torch.device, get_reference: Callable[[], Any], distributed: bool = False, progress: bool = False,
-    run_cfg: Any = None, num_samples: int | None = None,
+    run_cfg: Any = None, num_samples: int | None = None, samples_path: str | os.PathLike | None = None,
 ) -> dict[str, Any] | None:
     """Sample (every seed repeat), compute ``eval.metrics`` and, with ``eval.baselines``, floor and ceiling.
 
-    All ranks must call it (sampling and NLL are split over them); rank 0 gets the result, the others None.
-    ``get_reference()`` returns the training split (or None with ``eval.reference_stats``); ``run_cfg`` (the run's
-    config) is needed for the ceiling.
+    All ranks must call it (sampling, feature extraction and NLL are split over them; rank 0 receives the features,
+    never the images); rank 0 gets the result, the others None. ``get_reference()`` returns the training split (or
+    None with ``eval.reference_stats``); ``run_cfg`` (the run's config) is needed for the ceiling. With
+    ``eval.save_samples`` and ``samples_path``, the first seed range's images are streamed to that ``.npz``
+    (``evaluation/samples_file.py``; the result's ``samples_file``).
     """
     metrics = check_metrics(settings["metrics"])
     sample_metrics = [m for m in metrics if m != "nll"]
@@ -157,8 +189,9 @@ def evaluate_model(
                   device=device)
     job = _Job(data_cfg, sampler_cfg, settings, device, get_reference, common, on, rank == 0,
                int(num_samples if num_samples is not None else settings["num_samples"]),
-               progress=progress and bool(settings.get("progress", True)))
-    repeats, first_images = _sample_repeats(job, denoiser, repeats_n if sample_metrics else 0, progress)
+               progress=progress and bool(settings.get("progress", True)),
+               samples_path=samples_path if settings.get("save_samples") else None)
+    repeats, first_features = _sample_repeats(job, denoiser, repeats_n if sample_metrics else 0, progress)
     nll_metrics: dict[str, float] = {}
     nll_details = None
     if "nll" in metrics:
@@ -171,7 +204,7 @@ def evaluate_model(
         return None
     columns, counts, notes, best = _repeat_columns(repeats)
     if repeats and settings["baselines"]:
-        floor_cols, floor_counts = floor_columns(first_images, data_cfg, common, get_reference, notes)
+        floor_cols, floor_counts = floor_columns(first_features, data_cfg, common, get_reference, notes)
         columns.update(floor_cols)
         counts.update(floor_counts)
         if ceiling is not None:
@@ -187,7 +220,8 @@ def evaluate_model(
         "counts": counts,
         "notes": notes,
         "likelihood": nll_details,
-        "images": first_images,
+        "images": None,  # the images stay where they were made; eval.save_samples streams them to samples_file
+        "samples_file": str(job.samples_path) if job.samples_path is not None and repeats else None,
         "num_samples": repeats[best]["num_images"] if repeats else 0,
         "seeds": repeats[best]["seeds"] if repeats else None,
         "nfe": job.sampling.get("nfe"),
@@ -196,12 +230,12 @@ def evaluate_model(
 
 
 def _sample_repeats(job: _Job, denoiser: torch.nn.Module, repeats_n: int,
-                    progress: bool) -> tuple[list[dict[str, Any]], Tensor | None]:
-    """Every seed range's images and metrics (on rank 0; the other ranks help sample), and the first range's
-    images."""
+                    progress: bool) -> tuple[list[dict[str, Any]], FeatureSet | None]:
+    """Every seed range's metrics (on rank 0; every rank samples and extracts the features of its share), and the
+    first range's features."""
     n, seed = job.num_samples, int(job.settings["seed"])
     repeats: list[dict[str, Any]] = []
-    first_images = None
+    first_features = None
     for r in range(repeats_n):
         first = seed + r * n
         if job.main and progress:
@@ -209,17 +243,31 @@ def _sample_repeats(job: _Job, denoiser: torch.nn.Module, repeats_n: int,
             print(f"generating {n} samples (seeds {first}-{first + n - 1}) with sampler={sampler.get('name')} "
                   f"num_steps={sampler.get('num_steps')} on {job.device}", flush=True)
         info: dict[str, Any] = {}
-        images = generate_for_eval(denoiser, job.data_cfg, job.settings, job.sampler_cfg, device=job.device,
-                                   num_samples=n, first_seed=first, distributed=job.distributed, progress=progress,
-                                   info=info)
+        images = _my_images(denoiser, job.data_cfg, job.settings, job.sampler_cfg, device=job.device, n=n,
+                            first=first, distributed=job.distributed, progress=progress, info=info)
         if r == 0 and info:
             job.sampling = {"nfe": info["nfe"], "num_steps": info["num_steps"]}
+        if r == 0 and job.samples_path is not None:
+            _save_samples(job, images, first, n)
+        features = job.features(images)
+        del images
         if job.main:
-            repeats.append({"seeds": [first, first + len(images) - 1], "num_images": len(images),
-                            "metrics": job.metrics_of(images)})
+            repeats.append({"seeds": [first, first + n - 1], "num_images": features.num_images,
+                            "metrics": job.metrics_of(features)})
             if r == 0:
-                first_images = images
-    return repeats, first_images
+                first_features = features
+    return repeats, first_features
+
+
+def _save_samples(job: _Job, images: Tensor, first: int, n: int) -> None:
+    """Stream every rank's images of seeds ``first ..`` to ``job.samples_path`` in seed order (rank 0 writes, one
+    chunk in memory at a time)."""
+    writer = None
+    if job.main:
+        writer = SamplesNpzWriter(job.samples_path, np.arange(first, first + n), tuple(images.shape[1:]))
+    gather_to_main(images, job.distributed, sink=writer.write if writer is not None else None)
+    if writer is not None:
+        print(f"wrote {writer.close()}", flush=True)
 
 
 def _ceiling(job: _Job, denoiser: torch.nn.Module, run_cfg: Any) -> tuple[dict[str, float], int] | None:
@@ -232,9 +280,10 @@ def _ceiling(job: _Job, denoiser: torch.nn.Module, run_cfg: Any) -> tuple[dict[s
                                label_dim=int(getattr(denoiser, "label_dim", 0)),
                                augment_dim=int(getattr(denoiser, "augment_dim", 0)))
     fresh = fresh.eval().requires_grad_(False).to(job.device)
-    untrained = generate_for_eval(fresh, job.data_cfg, job.settings, job.sampler_cfg, device=job.device,
-                                  num_samples=job.num_samples, first_seed=seed, distributed=job.distributed)
-    return (job.metrics_of(untrained), len(untrained)) if job.main else None
+    untrained = _my_images(fresh, job.data_cfg, job.settings, job.sampler_cfg, device=job.device, n=job.num_samples,
+                           first=seed, distributed=job.distributed)
+    features = job.features(untrained)
+    return (job.metrics_of(features), features.num_images) if job.main else None
 
 
 def _repeat_columns(repeats: list[dict[str, Any]]

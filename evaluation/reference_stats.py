@@ -52,7 +52,7 @@ from data.atomic import atomic_open
 from data.transforms import data_transform
 from evaluation.features import extract_features, extractor_for, extractor_weights, same_weights
 from evaluation.frechet import feature_statistics
-from evaluation.settings import eval_settings, safe_name, short_hash
+from evaluation.settings import DINOV2_EXTRACTOR, eval_settings, safe_name, short_hash
 
 __all__ = [
     "reference_identity",
@@ -60,6 +60,7 @@ __all__ = [
     "load_reference_statistics",
     "check_reference_statistics",
     "check_reference_transform",
+    "check_fd_dinov2_reference",
     "compute_reference_statistics",
     "dataset_identity",
     "IDENTITY_ITEMS",
@@ -115,6 +116,10 @@ def save_reference_statistics(path: str | os.PathLike, stats: Mapping[str, Any])
     loaders), atomically."""
     path = Path(os.path.expanduser(str(path)))
     extra = {"transform": np.str_(stats["transform"])} if stats.get("transform") else {}
+    if stats.get("fd_dinov2_mu") is not None:  # FD-DINOv2's statistics beside Inception's (evaluation/dinov2.py)
+        extra.update(fd_dinov2_mu=np.asarray(stats["fd_dinov2_mu"], np.float64),
+                     fd_dinov2_sigma=np.asarray(stats["fd_dinov2_sigma"], np.float64),
+                     fd_dinov2_extractor_id=np.str_(stats.get("fd_dinov2_extractor_id", "")))
     with atomic_open(path, "wb") as f:
         np.savez(f, mu=np.asarray(stats["mu"], np.float64), sigma=np.asarray(stats["sigma"], np.float64),
                  num_images=np.int64(stats.get("num_images", -1)),
@@ -137,9 +142,12 @@ def load_reference_statistics(path: str | os.PathLike) -> dict[str, Any]:
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
                 raise ValueError(f"{p}: mu must be [F] and sigma [F, F], got {mu.shape} and {sigma.shape}")
             out: dict[str, Any] = {"mu": mu, "sigma": sigma, "path": str(p)}
-            for key in ("num_images", "feature_extractor", "extractor_id", "transform"):
+            for key in ("num_images", "feature_extractor", "extractor_id", "transform", "fd_dinov2_extractor_id"):
                 if key in files:
                     out[key] = npz[key].item()
+            for key in ("fd_dinov2_mu", "fd_dinov2_sigma"):
+                if key in files:
+                    out[key] = np.asarray(npz[key], np.float64)
             return out
         if "arr_0" in files:
             return {"images": np.asarray(npz["arr_0"]), "path": str(p)}
@@ -190,13 +198,33 @@ def check_reference_transform(stats: Mapping[str, Any] | str | os.PathLike, data
             "out=<file>`")
 
 
+def check_fd_dinov2_reference(stats: Mapping[str, Any], dinov2_id: str | None) -> None:
+    """Refuse reference statistics without FD-DINOv2's (``fd_dinov2_mu`` / ``fd_dinov2_sigma``) or made with other
+    DINOv2 weights than ``dinov2_id`` (None: not checked); ADM's images-only files pass (computed here)."""
+    if "images" in stats:
+        return
+    path = stats.get("path", "")
+    if stats.get("fd_dinov2_mu") is None:
+        raise ValueError(f"eval.reference_stats {path} holds no DINOv2 statistics (fd_dinov2_mu / fd_dinov2_sigma) "
+                         "for fd_dinov2: write them with `python evaluate.py ref=true data=<dataset> "
+                         "eval.metrics=[fid,fd_dinov2] out=<file>`, or drop eval.reference_stats to use the training "
+                         "split")
+    recorded = stats.get("fd_dinov2_extractor_id")
+    if recorded and dinov2_id and not same_weights(recorded, dinov2_id):
+        raise ValueError(f"eval.reference_stats {path} has DINOv2 statistics of the weights {recorded}, but this "
+                         f"evaluation uses {dinov2_id}: pass the weights the file was made with "
+                         "(eval.dinov2_weights_path=...) or recompute the file with ref=true")
+
+
 def compute_reference_statistics(
     reference: Any, *, feature_extractor: str = "auto", eval_cfg: Any = None, data_cfg: Any = None,
     classifier_path: str | None = None, device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """``{"mu", "sigma", "num_images", "feature_extractor", "extractor_id", "transform"}`` of a reference image set (as
     EDM's ``fid.py ref``: every image, float64 statistics); ``transform`` is the preparation of ``data_cfg``'s
-    training images when ``reference`` is that dataset (None for an image tensor or when unknown)."""
+    training images when ``reference`` is that dataset (None for an image tensor or when unknown). With
+    ``fd_dinov2`` in ``eval.metrics`` also ``fd_dinov2_mu``, ``fd_dinov2_sigma``, ``fd_dinov2_extractor_id`` (the
+    DINOv2 features, as EDM2's reference files hold both)."""
     settings = eval_settings(eval_cfg)
     extractor = extractor_for(feature_extractor, data_cfg, reference)
     _, extractor_id = extractor_weights(extractor, settings, data_cfg, classifier_path)
@@ -204,5 +232,11 @@ def compute_reference_statistics(
                              classifier_path=classifier_path, device=device)
     mu, sigma = feature_statistics(feats)
     transform = None if isinstance(reference, torch.Tensor) or data_cfg is None else data_transform(data_cfg)
-    return {"mu": mu, "sigma": sigma, "num_images": int(feats.shape[0]), "feature_extractor": extractor,
-            "extractor_id": extractor_id, "transform": transform}
+    out = {"mu": mu, "sigma": sigma, "num_images": int(feats.shape[0]), "feature_extractor": extractor,
+           "extractor_id": extractor_id, "transform": transform}
+    if "fd_dinov2" in (settings.get("metrics") or []):
+        dino = extract_features(reference, feature_extractor=DINOV2_EXTRACTOR, eval_cfg=settings, data_cfg=data_cfg,
+                                device=device)
+        out["fd_dinov2_mu"], out["fd_dinov2_sigma"] = feature_statistics(dino)
+        out["fd_dinov2_extractor_id"] = extractor_weights(DINOV2_EXTRACTOR, settings, data_cfg, None)[1]
+    return out

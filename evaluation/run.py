@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from configs import jsonable, to_plain_dict
@@ -188,8 +187,10 @@ def _evaluate_checkpoint(cfg: Any, overrides: Sequence[str], settings: dict[str,
         settings, data_cfg, get_reference=get_reference, chw=_generated_shape(info),
         num_samples=int(settings["num_samples"]), out=_out_path(cfg, settings)), dist_info is not None)
     denoiser, _, ema = load_eval_denoiser(cfg, info["path"], device)  # ema.sigma_rel=: a post-hoc EMA
+    out = _out_path(cfg, settings)
     result = evaluate_model(denoiser, data_cfg, sampler_cfg, settings, device=device, get_reference=get_reference,
-                            distributed=dist_info is not None, progress=True, run_cfg=run_cfg)
+                            distributed=dist_info is not None, progress=True, run_cfg=run_cfg,
+                            samples_path=out.with_name(out.stem + "-samples.npz"))
     if result is None:
         return None
     source = {"ckpt": str(cfg.ckpt), "checkpoint": checkpoint_record(info, ema), "ema": ema,
@@ -259,17 +260,11 @@ def _out_path(cfg: Any, settings: Mapping[str, Any]) -> Path:
 
 
 def _write_record(cfg: Any, record: dict[str, Any], result: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
-    """Write the record (atomically) and, with ``eval.save_samples``, the first seed range's samples."""
+    """Write the record (atomically); ``eval.save_samples``' file was streamed while sampling (``samples_file``)."""
     out = _out_path(cfg, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if settings["save_samples"] and cfg.ckpt is not None and result["images"] is not None:
-        images = result["images"]
-        first = result["repeats"][0]["seeds"][0]
-        samples_path = out.with_name(out.stem + "-samples.npz")
-        np.savez(samples_path, samples=images.permute(0, 2, 3, 1).numpy(),
-                 seeds=np.arange(first, first + len(images), dtype=np.int64))
-        record["samples_file"] = str(samples_path)
-        print(f"wrote {samples_path}")
+    if result.get("samples_file"):  # written while sampling (evaluation/samples_file.py), streamed chunk by chunk
+        record["samples_file"] = result["samples_file"]
     atomic_write_text(out, json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")
     print(f"wrote {out}")
 
@@ -288,6 +283,8 @@ def _default_out(cfg: Any, eval_name: str) -> Path:
 def _metric_label(key: str, extractor: str | None) -> str:
     if key.startswith("nll_"):
         return {"nll_ode_bpd": "NLL, ODE (bits/dim)", "nll_elbo_bpd": "NLL bound, ELBO (bits/dim)"}.get(key, key)
+    if key == "fd_dinov2":
+        return "FD-DINOv2"
     prefix = "classifier-" if extractor == DIGITS_EXTRACTOR else ""
     names = {"fid": "FID", "isc": "IS", "kid": "KID"}
     metric = key.split("_", 1)[0]

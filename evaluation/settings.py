@@ -4,10 +4,11 @@
 over ``DEFAULT_EVAL``; every evaluation function takes such a node and calls it, so a partial dict in a test or a
 library call means the same as the config group with those keys changed.
 
-Metric names (``eval.metrics``): ``fid``, ``isc``, ``kid``, ``prc`` (properties of an image set) and ``nll`` (a
-property of the model: ``evaluation/likelihood.py``); ``configs.validation.VALID_METRICS`` is the one list of them.
-Result keys always name the feature extractor: ``fid_<tag>``, ``isc_<tag>_mean/_std``, ``kid_<tag>_mean/_std``,
-``prc_<tag>_precision/_recall/_f_score`` with tag ``digits_classifier`` or ``inception`` (``EXTRACTOR_TAGS``).
+Metric names (``eval.metrics``): ``fid``, ``isc``, ``kid``, ``prc``, ``fd_dinov2`` (properties of an image set) and
+``nll`` (a property of the model: ``evaluation/likelihood.py``); ``configs.validation.VALID_METRICS`` is the one list
+of them. Result keys always name the feature extractor: ``fid_<tag>``, ``isc_<tag>_mean/_std``,
+``kid_<tag>_mean/_std``, ``prc_<tag>_precision/_recall/_f_score`` with tag ``digits_classifier``, ``inception`` or
+``dinov2`` (``EXTRACTOR_TAGS``); ``fd_dinov2`` (EDM2's FD_DINOv2, ``evaluation/dinov2.py``) names its own.
 Keys do not carry the sample count (``fid_inception``, not ``fid50k_inception``): a ``num_samples`` field sits
 beside every set of values instead (``num_samples`` beside ``metrics`` in ``eval-*.json`` and ``fid_curve.jsonl``,
 ``counts`` beside ``columns``, ``num_samples`` in each seed repeat, ``eval/num_samples`` in metrics.jsonl), so the
@@ -27,12 +28,14 @@ from omegaconf import OmegaConf
 from configs import to_plain_dict
 from configs.validation import VALID_METRICS
 from evaluation.digits_classifier import EXTRACTOR_NAME as DIGITS_EXTRACTOR
+from evaluation.dinov2 import EXTRACTOR_NAME as DINOV2_EXTRACTOR
 
 __all__ = [
     "VALID_METRICS",
     "SAMPLE_METRICS",
     "DIGITS_EXTRACTOR",
     "INCEPTION_EXTRACTOR",
+    "DINOV2_EXTRACTOR",
     "VALID_EXTRACTORS",
     "DIGITS_DATASETS",
     "EXTRACTOR_TAGS",
@@ -51,13 +54,14 @@ __all__ = [
 
 SAMPLE_METRICS = tuple(m for m in VALID_METRICS if m != "nll")
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-VALID_EXTRACTORS = ("auto", DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR)
+VALID_EXTRACTORS = ("auto", DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, DINOV2_EXTRACTOR)
 DIGITS_DATASETS = ("digits", "binary_digits")
-EXTRACTOR_TAGS = {DIGITS_EXTRACTOR: "digits_classifier", INCEPTION_EXTRACTOR: "inception"}
+EXTRACTOR_TAGS = {DIGITS_EXTRACTOR: "digits_classifier", INCEPTION_EXTRACTOR: "inception", DINOV2_EXTRACTOR: "dinov2"}
 EXTRACTOR_DESCRIPTIONS = {
     DIGITS_EXTRACTOR: "digits-classifier features (64-d penultimate layer of a CNN trained on the training split; "
     "not Inception FID)",
     INCEPTION_EXTRACTOR: "Inception-v3 features (torch-fidelity inception-v3-compat, pool3 2048-d)",
+    DINOV2_EXTRACTOR: "DINOv2 ViT-L/14 features (CLS 1024-d, EDM2's bicubic-antialiased resize to 224; FD-DINOv2)",
 }
 CURVE_FILE = "fid_curve.jsonl"  # in every run: one line per evaluated checkpoint (evaluation/curves.py)
 DEFAULT_EVAL = {
@@ -65,6 +69,7 @@ DEFAULT_EVAL = {
     "metrics": ["fid"],
     "feature_extractor": "auto",
     "feature_extractor_weights_path": None,
+    "dinov2_weights_path": None,
     "num_samples": 2000,
     "batch": 250,
     "baselines": False,

@@ -9,7 +9,10 @@ EDM's center crop written out here with numpy slicing and PIL's LANCZOS; the lik
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -276,3 +279,70 @@ def test_reference_statistics_record_the_transform(prepared, tmp_path, monkeypat
     assert loaded["transform"] == "center-crop" and loaded["num_images"] == 8
     images = build_dataset(cfg).all_images()  # an image tensor has no known preparation
     assert compute_reference_statistics(images, feature_extractor="inception-v3-compat")["transform"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Features, not images, cross ranks
+# ---------------------------------------------------------------------------------------------------------------------
+GATHER_SCRIPT = r'''
+import sys
+
+import torch
+
+from evaluation.dinov2 import EXTRACTOR_NAME
+from evaluation.feature_metrics import image_features
+from evaluation.ranks import gather_to_main, rank_slice
+from evaluation.settings import eval_settings
+from training.distributed import init_distributed, shutdown_distributed
+
+weights, cache, out, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+info = init_distributed("cpu")
+mine = list(rank_slice(n, info.rank, info.world_size))
+images = torch.stack([torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(i),
+                                    dtype=torch.uint8) for i in mine])
+settings = eval_settings({"dinov2_weights_path": weights, "batch": 4, "cache_dir": cache})
+features = image_features(images, ["fd_dinov2"], EXTRACTOR_NAME, settings=settings, device="cpu").gather(True)
+chunks = []  # the images themselves, streamed to rank 0 two at a time (2 x 768 bytes per message)
+gather_to_main(images, True, sink=chunks.append, chunk_bytes=2 * 3 * 16 * 16)
+only_rank0 = gather_to_main(images if info.rank == 0 else images[:0], True)  # a rank without rows
+if info.rank == 0:
+    torch.save({"features": features.features, "num_images": features.num_images, "chunks": chunks,
+                "only_rank0": only_rank0, "rank0_rows": len(mine)}, out)
+else:
+    assert features is None
+shutdown_distributed()
+'''
+
+
+def test_two_ranks_gather_features_whose_fd_equals_one_process(tmp_path):
+    """torchrun, 2 gloo ranks, 13 images split 7 + 6: rank 0 receives the features (equal to one process's, so the
+    FD is too) and, streamed in bounded chunks, the images in seed order."""
+    from evaluation.dinov2 import EXTRACTOR_NAME, FEATURE_NAME
+    from evaluation.feature_metrics import image_features
+    from evaluation.frechet import fid_from_features
+    from tests.test_dinov2 import _random_state
+
+    weights = tmp_path / "dinov2.pth"
+    torch.save(_random_state(dim=64, depth=1, seed=5), weights)
+    script, out, n = tmp_path / "gather.py", tmp_path / "gathered.pt", 13
+    script.write_text(GATHER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(weights), str(tmp_path / "cache"), str(out), str(n)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    images = torch.stack([torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(i),
+                                        dtype=torch.uint8) for i in range(n)])
+    settings = eval_settings({"dinov2_weights_path": str(weights), "batch": 4, "cache_dir": str(tmp_path / "cache")})
+    one = image_features(images, ["fd_dinov2"], EXTRACTOR_NAME, settings=settings, device="cpu")
+    two = got["features"][EXTRACTOR_NAME][FEATURE_NAME]
+    assert got["num_images"] == n and two.shape == (n, 64)
+    assert torch.allclose(two, one.features[EXTRACTOR_NAME][FEATURE_NAME], atol=1e-5)
+    reference = image_features(images.flip(-1), ["fd_dinov2"], EXTRACTOR_NAME, settings=settings, device="cpu")
+    ref = reference.features[EXTRACTOR_NAME][FEATURE_NAME]
+    assert fid_from_features(two, ref) == pytest.approx(fid_from_features(one.features[EXTRACTOR_NAME][FEATURE_NAME],
+                                                                          ref), rel=1e-5)
+    chunks = got["chunks"]
+    assert max(len(c) for c in chunks) == 2 and torch.equal(torch.cat(chunks), images)
+    assert torch.equal(got["only_rank0"], images[:got["rank0_rows"]])
