@@ -1,5 +1,6 @@
 """The pieces of one optimisation step that need no Trainer: the learning-rate ramp, preparing a micro-batch,
-mixed precision, and naming the images of a step that went non-finite.
+mixed precision, the optimizer and the loader settings, the intervals of the loop, and naming the images of a step
+that went non-finite.
 
 ``Trainer.train_step`` (``training.trainer``) puts them together.
 """
@@ -48,6 +49,22 @@ def zero_nonfinite_gradients(parameters: Iterator[torch.Tensor]) -> None:
     for p in parameters:
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def interval_due(prev_nimg: int, cur_nimg: int, every_kimg: float | None) -> bool:
+    """True when a multiple of ``every_kimg`` was crossed between prev_nimg (exclusive) and cur_nimg (inclusive)."""
+    if not every_kimg:
+        return False
+    every = every_kimg * 1000.0
+    return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
+
+
+def grid_labels(num: int, label_dim: int) -> torch.Tensor | None:
+    """Class labels for a sample grid: class i on row i (cycling), so a conditional grid reads class by class."""
+    if not label_dim:
+        return None
+    side = max(1, int(math.ceil(math.sqrt(num))))
+    return torch.arange(num) // side % label_dim
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from training.distributed import all_reduce_sum
-from training.step import batch_indices, non_finite_message
+from training.step import batch_indices, non_finite_message, zero_nonfinite_gradients
 
 log = logging.getLogger("sigmalab.train")
 
@@ -79,6 +79,25 @@ class NonFiniteGuard:
         factor = torch.where(bad, torch.full((), float("nan"), device=bad.device),
                              torch.ones((), device=bad.device))
         torch._foreach_mul_(grads, factor)
+
+    def update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
+               global_loss: torch.Tensor, grad_clip: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """After the backward pass: unscale (fp16), the global gradient norm (one pass; the scaling pass only when
+        clipping at ``grad_clip``), the non-finite flag, the optimizer step under the policy, the loss scaler's
+        update. Returns (gradient norm, flag), both on the device."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if scaler.is_enabled():  # fp16 + skip: a non-finite loss becomes non-finite gradients for the scaler
+            self.poison_for_scaler(self.flag(global_loss, None), grads)
+        scaler.unscale_(optimizer)
+        if self.mode == "zero":  # EDM2: NaN/inf gradient elements become 0, the step is taken
+            zero_nonfinite_gradients(params)
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+        bad = self.flag(global_loss, grad_norm)
+        self.optimizer_step(optimizer, scaler, bad)
+        scaler.update()
+        return grad_norm, bad
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                        bad: torch.Tensor | None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,6 @@ from diffusion.samplers import sampler_options
 from diffusion.schedules import build_schedule
 from diffusion.sigma_grids import build_sigma_grid, parse_infogrid
 from diffusion.weighting import build_weighting
-from models import count_parameters
 from training.checkpoint import (
     checkpoint_name,
     export_safetensors,
@@ -68,16 +66,18 @@ from training.logger import RunLogger, TickMeter
 from training.posthoc_ema import build_ema
 from training.rng import capture_rng_state, restore_rng_state
 from training.run_dir import StopSignals, requeue_slurm_job, resolve_run_dir
+from training.run_info import describe, print_summary
 from training.step import (
     NONFINITE_MODES,
     PRECISIONS,
     autocast,
     build_adam,
+    grid_labels,
+    interval_due,
     learning_rate,
     loader_settings,
     micro_batch,
     set_adam_implementation,
-    zero_nonfinite_gradients,
 )
 from training.step_checks import NonFiniteGuard, StopVote
 
@@ -91,43 +91,6 @@ EvaluateFn = Callable[[torch.nn.Module, Any, Any, torch.device, float], dict[str
 PlotProfileFn = Callable[[Path], Path]
 # preflight(cfg, dataset) -> anything; raises when the evaluation of eval.every_kimg cannot run
 PreflightFn = Callable[[Any, Any], Any]
-
-
-def interval_due(prev_nimg: int, cur_nimg: int, every_kimg: float | None) -> bool:
-    """True when a multiple of ``every_kimg`` was crossed between prev_nimg (exclusive) and cur_nimg (inclusive)."""
-    if not every_kimg:
-        return False
-    every = every_kimg * 1000.0
-    return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
-
-
-def grid_labels(num: int, label_dim: int) -> torch.Tensor | None:
-    """Class labels for a sample grid: class i on row i (cycling), so a conditional grid reads class by class."""
-    if not label_dim:
-        return None
-    side = max(1, int(math.ceil(math.sqrt(num))))
-    return torch.arange(num) // side % label_dim
-
-
-def describe(denoiser: torch.nn.Module, dataset: Any) -> str:
-    return (f"dataset: {dataset.name} ({len(dataset)} images, {dataset.num_channels}x{dataset.resolution}x"
-            f"{dataset.resolution}, {dataset.label_dim or 'no'} class labels)\n"
-            f"parameters: {count_parameters(denoiser)}")
-
-
-def flops_line(net: torch.nn.Module, dataset: Any, label_dim: int) -> str:
-    """'GFLOPs per forward' of one image, in DiT's convention (multiply-adds), measured with torch's FLOP counter."""
-    try:
-        from models.flops import count_flops
-    except ImportError:
-        return ""
-    try:
-        flops = count_flops(net, img_resolution=dataset.resolution, img_channels=dataset.num_channels,
-                            label_dim=label_dim)
-    except Exception as err:  # noqa: BLE001 - FLOP counting is informative only
-        return f"GFLOPs per forward: unavailable ({err})"
-    return (f"GFLOPs per forward: {flops / 2e9:.3f} (multiply-adds per image, DiT's convention; "
-            f"{flops / 1e9:.3f} counting a multiply-add as 2)")
 
 
 def _setup_backends(cfg: DictConfig, device: torch.device) -> None:
@@ -338,19 +301,8 @@ class Trainer:
         # Non-finite check on the global loss and the (already all-reduced) gradient norm: every rank decides alike,
         # on the device (training.step_checks: a skip happens there, the report at the next boundary).
         global_loss = all_reduce_sum(loss_sum.clone())
-        params = self.trained_parameters()
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.scaler.is_enabled():  # fp16 + skip: a non-finite loss becomes non-finite gradients for the scaler
-            self.guard.poison_for_scaler(self.guard.flag(global_loss, None), grads)
-        self.scaler.unscale_(self.optimizer)
-        if t.nonfinite == "zero":  # EDM2: NaN/inf gradient elements become 0, the step is taken (no host sync)
-            zero_nonfinite_gradients(params)
-        grad_norm = torch.nn.utils.get_total_norm(grads)  # one pass; the scaling pass only when clipping
-        if t.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
-        bad = self.guard.flag(global_loss, grad_norm)
-        self.guard.optimizer_step(self.optimizer, self.scaler, bad)
-        self.scaler.update()
+        grad_norm, bad = self.guard.update(self.optimizer, self.scaler, self.trained_parameters(), global_loss,
+                                           grad_clip=t.grad_clip)
         self.guard.record(self.step, self.cur_nimg, bad, global_loss, grad_norm,
                           sigmas[0] if len(sigmas) == 1 else torch.cat(sigmas))
         self.cur_nimg += self.batch
@@ -629,18 +581,6 @@ class Trainer:
             log.info("kimg %9.1f | step %7d | loss %.4f | %8.1f img/s | lr %.2e", record["kimg"], self.step,
                      record["loss"], record["img_per_s"], stats["lr"])
         run.meter.reset(self.cur_nimg)
-
-
-def print_summary(trainer: Trainer) -> None:
-    """What ``dry_run=true`` prints: the resolved config, the schedule, weighting, augmentation, data and model."""
-    print(OmegaConf.to_yaml(trainer.cfg, resolve=True))
-    print(f"schedule: {trainer.schedule}\nweighting: {trainer.weighting}")
-    if trainer.augment is not None:
-        print(f"augmentation: {trainer.augment}")
-    print(describe(trainer.denoiser, trainer.dataset))
-    flops = flops_line(trainer.denoiser.net, trainer.dataset, trainer.label_dim)
-    if flops:
-        print(flops)
 
 
 def train(cfg: DictConfig, dist_info: DistInfo | None = None, *, evaluate_fn: EvaluateFn | None = None,
