@@ -7,6 +7,7 @@ this entry point composes the config, sets up torchrun and calls ``evaluation.ru
     torchrun --standalone --nproc_per_node=8 evaluate.py ckpt=<run> eval=fid50k      # sampling split over the ranks
     python evaluate.py ckpt=<run> eval.metrics=[nll]                                  # bits/dim on the held-out split
     python evaluate.py run_dir=<run or sweep dir> eval.num_samples=10000              # FID vs kimg of every checkpoint
+    python evaluate.py run_dir=<sweep dir> eval=nll                                   # every run's bits/dim (its last)
     python evaluate.py ref=true data=cifar10 data.path=<dir> [out=cifar10-32x32.npz] # reference μ, Σ (EDM's format)
     python evaluate.py report=<sweep dir> [eval.baseline_run=lognormal] [out=<dir>]   # the papers' tables
     python evaluate.py report=schedules [out=docs/figures]                            # the schedules figure
@@ -19,14 +20,16 @@ Where each part is described:
 - the modes and the printed table: ``evaluation/run.py``; what a result JSON records: ``evaluation/run.py``,
   ``evaluation/provenance.py``;
 - the checks made before any sampling (weights, reference files, data, output): ``evaluation/preflight.py``;
-- the feature extractors (Inception-v3, the digits classifier, ``auto``): ``evaluation/features.py``;
+- the feature extractors (Inception-v3, the digits classifier, ``auto``): ``evaluation/features.py``; DINOv2 and
+  FD-DINOv2 (EDM2's preprocessing): ``evaluation/dinov2.py``;
 - the FID formula: ``evaluation/frechet.py``; the metrics and their result keys: ``evaluation/metrics.py``,
-  ``evaluation/settings.py``;
+  ``evaluation/feature_metrics.py`` (from features, gathered over ranks), ``evaluation/settings.py``;
 - reference statistics (cached, published, ``ref=true``): ``evaluation/reference_stats.py``;
 - seeds, seed repeats (EDM's minimum of three), the floor/ceiling baselines and the training hook:
   ``evaluation/protocol.py``;
 - the likelihood: ``evaluation/likelihood.py``;
-- curves and the images-to-target table (``run_dir=``): ``evaluation/curves.py``;
+- curves and the images-to-target table (``run_dir=``): ``evaluation/curves.py``; what their keys hold:
+  ``evaluation/curve_keys.py``;
 - the sweep report (``report=``): ``evaluation/report.py``;
 - post-hoc EMA (``ema.sigma_rel=``, ``ema_sweep=``): ``evaluation/posthoc.py`` (reconstruction:
   ``training/posthoc_ema.py``).
