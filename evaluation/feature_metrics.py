@@ -133,10 +133,10 @@ def image_features(images: Any, metrics: Sequence[str], extractor: str, *, setti
     device = eval_device(device)
     out, models = {}, {}
     for name, layers in feature_layers(metrics, extractor).items():
-        models[name] = _model(name, layers, settings, data_cfg, classifier_path, device)
-        if n == 0:
+        if n == 0:  # a rank with no images of its own (fewer images than ranks): nothing to build or run
             out[name] = {layer: torch.empty(0, 0) for layer in layers}
             continue
+        models[name] = _model(name, layers, settings, data_cfg, classifier_path, device)
         feats = get_featuresdict_from_dataset(UInt8Images(images, name != DIGITS_EXTRACTOR, progress), models[name],
                                               int(settings["batch"]), device.type == "cuda", True, False)
         out[name] = {layer: feats[layer].float().cpu() for layer in layers}
