@@ -315,10 +315,18 @@ class EDM2UNet(nn.Module):
         self.emb_noise = MPConv(cnoise, cemb, kernel=0)
         self.emb_label = MPConv(label_dim, cemb, kernel=0) if label_dim else None
 
+        cout = self._build_encoder(in_channels + 1, cblock, num_blocks, attn_resolutions, block_kwargs)  # + const. 1
+        cout = self._build_decoder(cout, cblock, num_blocks, attn_resolutions, block_kwargs)
+        self.out_conv = MPConv(cout, out_channels, kernel=3)
+
+    def _build_encoder(self, cout: int, cblock: list[int], num_blocks: int, attn_resolutions: list[int],
+                       block_kwargs: dict) -> int:
+        """``self.enc``: per level an input conv (level 0) or a downsampling block, then ``num_blocks`` blocks;
+        returns the channels of its output."""
+        res0 = self.img_resolution
         self.enc = nn.ModuleDict()
-        cout = in_channels + 1  # + the constant-1 channel
         for level, channels in enumerate(cblock):
-            res = img_resolution >> level
+            res = res0 >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = MPConv(cout, channels, kernel=3)
                 cout = channels
@@ -329,11 +337,16 @@ class EDM2UNet(nn.Module):
                 self.enc[f"{res}x{res}_block{idx}"] = EDM2Block(
                     cin, cout, flavor="enc", attention=res in attn_resolutions, **block_kwargs
                 )
-        skips = [block.out_channels for block in self.enc.values()]
+        return cout
 
-        self.dec = nn.ModuleDict()  # blocks named "..._block{idx}" consume one skip each
+    def _build_decoder(self, cout: int, cblock: list[int], num_blocks: int, attn_resolutions: list[int],
+                       block_kwargs: dict) -> int:
+        """``self.dec``: blocks named "..._block{idx}" consume one encoder skip each; returns its output channels."""
+        skips = [block.out_channels for block in self.enc.values()]
+        res0 = self.img_resolution
+        self.dec = nn.ModuleDict()
         for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
+            res = res0 >> level
             if level == len(cblock) - 1:
                 self.dec[f"{res}x{res}_in0"] = EDM2Block(cout, cout, flavor="dec", attention=True, **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = EDM2Block(cout, cout, flavor="dec", **block_kwargs)
@@ -345,7 +358,7 @@ class EDM2UNet(nn.Module):
                     cin, cout, flavor="dec", attention=res in attn_resolutions, **block_kwargs
                 )
         assert not skips
-        self.out_conv = MPConv(cout, out_channels, kernel=3)
+        return cout
 
     def embed(self, noise_labels: torch.Tensor, batch_size: int, class_labels: torch.Tensor | None,
               like: torch.Tensor) -> torch.Tensor:
