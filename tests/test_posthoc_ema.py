@@ -168,3 +168,42 @@ def test_ema_choice_parses_the_entry_points_ema_key():
     with pytest.raises(ValueError, match="sigma_rel must be in"):
         ema_choice({"sigma_rel": 0.5})
     assert math.isclose(sigma_rel_to_gamma(ema_choice({"sigma_rel": 0.13}).sigma_rel), 4.6036, abs_tol=1e-3)
+
+
+def test_posthoc_evaluation_and_ema_sweep(tmp_path):
+    """evaluate.py ckpt=<run> ema.sigma_rel= and ema_sweep=: a tracked σ_rel rebuilt from fp32 snapshots evaluates
+    like the checkpoint's own EMA (the same profile), the sweep writes its table, plot and one line per σ_rel, and a
+    rerun evaluates nothing again."""
+    from evaluation.run import run_evaluation
+    from tests.helpers import FAST_TRAIN, compose
+    from training.trainer import train
+
+    run = tmp_path / "sweep" / "run"
+    train(compose("train", [f"run_dir={run}", *FAST_TRAIN, "train.ema=power", "train.ema_snapshot_kimg=0.064",
+                            "train.ema_snapshot_dtype=fp32"]))
+    assert len(list_snapshots(run)) == 8  # 4 times x 2 profiles
+    common = ["device=cpu", "eval.num_samples=32", "eval.batch=32", "sampler.num_steps=3",
+              f"eval.cache_dir={tmp_path / 'cache'}"]
+    posthoc = run_evaluation(compose("evaluate", [f"ckpt={run}", "ema.sigma_rel=0.05", *common]))
+    tracked = run_evaluation(compose("evaluate", [f"ckpt={run}", *common]))
+    assert posthoc["ema"]["sigma_rel"] == 0.05 and posthoc["ema"]["fit_residual"] < 1e-6
+    assert (run / "eval-default-phema0.05.json").is_file() and (run / "eval-default.json").is_file()
+    key = next(iter(tracked["metrics"]))
+    assert posthoc["metrics"][key] == pytest.approx(tracked["metrics"][key], rel=1e-4)
+    with pytest.raises(ValueError, match="ema.sigma_rel= reconstructs a post-hoc EMA of one run"):
+        run_evaluation(compose("evaluate", [f"run_dir={run}", "ema.sigma_rel=0.05", *common]))
+
+    sweep = compose("evaluate", [f"ema_sweep={tmp_path / 'sweep'}", "ema.sigma_rels=[0.05,0.12]", *common])
+    summary = run_evaluation(sweep)
+    points = summary["runs"]["run"]["points"]
+    assert [s for s, _ in points] == [0.05, 0.12]
+    assert points[0][1] == pytest.approx(tracked["metrics"][key], rel=1e-4)
+    assert summary["runs"]["run"]["best_sigma_rel"] in (0.05, 0.12)
+    assert (run / "ema_sweep.md").is_file() and (run / "ema_sweep.png").is_file()
+    assert "| 0.12 | 5.254 |" in (run / "ema_sweep.md").read_text()
+    lines = (run / "ema_sweep.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    run_evaluation(sweep)  # nothing new to evaluate
+    assert len((run / "ema_sweep.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="ema_sweep needs the EMA lengths"):
+        run_evaluation(compose("evaluate", [f"ema_sweep={run}", *common]))
