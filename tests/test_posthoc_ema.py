@@ -8,6 +8,7 @@ along the same trajectory.
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -205,5 +206,13 @@ def test_posthoc_evaluation_and_ema_sweep(tmp_path):
     assert len(lines) == 2
     run_evaluation(sweep)  # nothing new to evaluate
     assert len((run / "ema_sweep.jsonl").read_text().splitlines()) == 2
+    # A directory of runs: each run at its own best length, and the directory's summary of them.
+    shutil.copytree(run, tmp_path / "sweep" / "copy", ignore=shutil.ignore_patterns("ema_sweep*"))
+    summary = run_evaluation(sweep)
+    assert set(summary["runs"]) == {"run", "copy"}
+    assert summary["runs"]["copy"]["points"] == points  # the same snapshots give the same numbers
+    table = (tmp_path / "sweep" / "ema_sweep.md").read_text()
+    assert "| copy | 0.256 |" in table and "| run | 0.256 |" in table
+    assert (tmp_path / "sweep" / "ema_sweep.png").is_file()
     with pytest.raises(ValueError, match="ema_sweep needs the EMA lengths"):
         run_evaluation(compose("evaluate", [f"ema_sweep={run}", *common]))
