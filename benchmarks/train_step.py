@@ -22,7 +22,9 @@ Trainer's preconditioned denoiser, same weights), the same batch, precision and 
 N(P_mean, P_std²), EDM's weight (σ² + σ_d²)/(σ·σ_d)², backward, ``torch.optim.Adam`` with PyTorch's default
 implementation, an EMA as a per-parameter ``lerp_`` loop, compiled as the row is. Blocks of the two alternate (plain,
 Trainer, plain, Trainer, ...), so that load from other processes hits both alike; the printed ratio is the median over
-the ``--repeats`` pairs of (Trainer img/s) / (plain img/s): above 1 the Trainer costs nothing over a plain loop.
+the ``--repeats`` pairs of (Trainer img/s) / (plain img/s), by the wall clock and by this process's CPU time (on a CPU
+shared with other jobs the steadier of the two; on a GPU only the wall clock means anything): above 1 the Trainer
+costs nothing over a plain loop.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the growth of the peak resident set size of a fresh
 subprocess per row (an upper bound). MFU (GPU): achieved FLOP/s (3 x forward FLOPs per image, the usual forward +
