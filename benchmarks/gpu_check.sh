@@ -110,7 +110,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     rows += [("GPU", f"{p.name} ({p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}, "
                      f"{p.multi_processor_count} SMs)"), ("GPUs visible", torch.cuda.device_count()),
-             ("NCCL", ".".join(map(str, torch.cuda.nccl.version())))]
+             ("NCCL", ".".join(map(str, v)) if isinstance(v := torch.cuda.nccl.version(), tuple) else str(v))]
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
