@@ -4,7 +4,9 @@ Budgets and intervals are counted in images (kimg), like EDM (Karras et al. 2022
 step: draw a global batch, split it over processes and gradient-accumulation rounds, compute the schedule-sampled,
 weighted denoising loss (``diffusion.loss``), take an Adam step with a linearly ramped learning rate, update the EMA,
 and let the schedule observe the per-sample errors (adaptive schedules such as InfoNoise, Raya et al. 2026,
-arXiv 2602.18647, rebuild themselves from them).
+arXiv 2602.18647, rebuild themselves from them). Between *boundaries* (a step after which a tick, grid, evaluation,
+checkpoint or stop is due) nothing is read back from the device: the non-finite check is kept there and reported at
+the next boundary (``training.step_checks``), so the host never waits for a GPU in the steady state.
 
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per tick, ``training.logger``),
 ``train.log``, ``samples/grid-<kimg>kimg.png``, ``checkpoints/checkpoint-<nimg>.pt`` (see ``training.checkpoint``)
