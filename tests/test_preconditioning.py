@@ -14,6 +14,7 @@ from torch import nn
 from diffusion.preconditioning import PRECONDITIONERS, EDMPrecond, build_preconditioner
 from diffusion.schedules import build_schedule
 from diffusion.weighting import WEIGHTINGS, EDMWeighting, build_weighting
+from models.edm2 import EDM2LogVar
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 5.0, 80.0], dtype=torch.float64)
@@ -192,7 +193,9 @@ def test_every_weighting_gives_a_finite_loss_at_the_sampler_range(precond):
     n = torch.randn(y.shape, generator=gen)
     schedule = build_schedule({"name": "lognormal"})
     for wname in sorted(WEIGHTINGS):
-        weighting = build_weighting(_weighting_cfg(wname))
+        # EDM2's learned weighting gets its u(σ) module from the trainer; here a freshly initialised one.
+        extra = {"uncertainty": EDM2LogVar(128)} if wname == "edm2_uncertainty" else {}
+        weighting = build_weighting(_weighting_cfg(wname), **extra)
         weighting.attach_schedule(schedule)
         for sigma_value in (0.002, 80.0):
             pre.zero_grad()
