@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from configs import jsonable
 from data.atomic import atomic_write_text
 from evaluation.curves import curve_settings, run_name, settings_key
+from evaluation.features import eval_device
 from evaluation.protocol import evaluate_model, reference_getter
 from evaluation.reference_stats import reference_identity
 from evaluation.settings import check_metrics, eval_settings, primary_key, run_group
@@ -112,8 +113,7 @@ def run_ema_sweep(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None
     settings = eval_settings(cfg.eval)
     settings["baselines"] = False
     check_metrics(settings["metrics"])
-    device = dist_info.device if dist_info is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = dist_info.device if dist_info is not None else eval_device(str(cfg.get("device", "auto")))
     main = dist_info is None or dist_info.rank == 0
     root = Path(os.path.expanduser(str(cfg.ema_sweep)))
     plan = [_plan_run(run, root, cfg, overrides, settings, choice, main) for run in find_posthoc_runs(root)]
@@ -124,7 +124,8 @@ def run_ema_sweep(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None
             print(f"[{item['name']}] {len(todo)} of {len(choice.sigma_rels)} EMA lengths to evaluate at "
                   f"{item['at_nimg'] / 1000:g} kimg (settings {item['key']})", flush=True)
         ident = reference_identity(item["data"], "train")
-        references.setdefault(ident, reference_getter(item["data"], settings))
+        if ident not in references:
+            references[ident] = reference_getter(item["data"], settings)
         _evaluate_run(item, todo, settings, references[ident], device=device, distributed=dist_info is not None,
                       main=main)
     barrier()
