@@ -151,19 +151,12 @@ class LatentCodec:
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> LatentCodec:
-        """From a latent dataset object, a data config (dict / DictConfig with ``path``) or a prepared directory."""
-        info = getattr(dataset, "latent_info", None)
-        if info is None and not hasattr(dataset, "num_images"):
+        """From a latent dataset object (``data.build_dataset``) or a prepared directory's path."""
+        if isinstance(dataset, str | os.PathLike):
             from .prepared import PreparedDataset
 
-            if isinstance(dataset, str | os.PathLike):
-                ds = PreparedDataset(dataset)
-            else:
-                from . import build_dataset
-                from .dataset import cfg_to_dict
-
-                ds = build_dataset({**cfg_to_dict(dataset), "xflip": False}, "train")  # flips don't matter here
-            info = ds.latent_info
+            dataset = PreparedDataset(dataset)
+        info = getattr(dataset, "latent_info", None)
         if info is None:
             raise ValueError(f"{getattr(dataset, 'name', dataset)!r} is a pixel dataset; no VAE decoding applies")
         return cls.from_info(info, **kwargs)

@@ -177,7 +177,6 @@ def _evaluate_checkpoint(cfg: Any, overrides: Sequence[str], settings: dict[str,
     """``ckpt=``: (result, data config, sampler config, preflight, source record) on rank 0, else None."""
     if not os.path.exists(str(cfg.ckpt)):
         raise FileNotFoundError(f"ckpt not found: {cfg.ckpt}")
-    ema = bool(cfg.get("ema", True))
     info = checkpoint_info(str(cfg.ckpt))
     run_cfg = OmegaConf.create(info["config"])
     data_cfg = run_group(run_cfg.get("data"), cfg.data, overrides, "data")
