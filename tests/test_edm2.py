@@ -37,6 +37,7 @@ from models.edm2 import (
     mp_sum,
     normalize,
 )
+from training.run_info import describe
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -100,6 +101,11 @@ def test_parameter_counts_equal_edm2_published(size, channels):
         head = EDM2LogVar()
     assert n_params(head) == 128
     assert n_params(unet) + n_params(head) == PUBLISHED[size, channels]
+    # what a run logs (and dry_run=true prints) with weighting=edm2_uncertainty: the UNet, u(σ) and EDM2's total
+    data = type("Latents", (), {"name": "img512", "num_channels": channels, "resolution": 64, "label_dim": 1000,
+                                "__len__": lambda self: 1})()
+    assert describe(unet, data, head).endswith(f"parameters: {n_params(unet)} + 128 of the learned u(sigma) = "
+                                               f"{PUBLISHED[size, channels]}")
 
 
 @pytest.mark.parametrize("size", ["xxs", "xxl"])

@@ -11,10 +11,16 @@ from omegaconf import OmegaConf
 from models import count_parameters
 
 
-def describe(denoiser: torch.nn.Module, dataset: Any) -> str:
+def describe(denoiser: torch.nn.Module, dataset: Any, uncertainty: torch.nn.Module | None = None) -> str:
+    """The dataset and the trained parameter count. With ``weighting=edm2_uncertainty`` the learned u(σ) is counted
+    apart and in the total, the total being EDM2's count (its preconditioned network holds both; Karras et al. 2024,
+    arXiv 2312.02696, Sec. 2, config B)."""
+    params = f"parameters: {count_parameters(denoiser)}"
+    if uncertainty is not None:
+        extra = count_parameters(uncertainty)
+        params += f" + {extra} of the learned u(sigma) = {count_parameters(denoiser) + extra}"
     return (f"dataset: {dataset.name} ({len(dataset)} images, {dataset.num_channels}x{dataset.resolution}x"
-            f"{dataset.resolution}, {dataset.label_dim or 'no'} class labels)\n"
-            f"parameters: {count_parameters(denoiser)}")
+            f"{dataset.resolution}, {dataset.label_dim or 'no'} class labels)\n{params}")
 
 
 def flops_line(net: torch.nn.Module, dataset: Any, label_dim: int) -> str:
@@ -38,7 +44,7 @@ def print_summary(trainer: Any) -> None:
     print(f"schedule: {trainer.schedule}\nweighting: {trainer.weighting}")
     if trainer.augment is not None:
         print(f"augmentation: {trainer.augment}")
-    print(describe(trainer.denoiser, trainer.dataset))
+    print(describe(trainer.denoiser, trainer.dataset, trainer.uncertainty))
     flops = flops_line(trainer.denoiser.net, trainer.dataset, trainer.label_dim)
     if flops:
         print(flops)

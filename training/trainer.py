@@ -490,7 +490,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
-        log.info(describe(self.denoiser, self.dataset))
+        log.info(describe(self.denoiser, self.dataset, self.uncertainty))
         log.info("schedule: %s | weighting: %s | batch %d = %d process(es) x %d round(s) x %d | %s%s",
                  self.schedule, self.weighting, self.batch, self.world, self.accum_rounds, self.batch_gpu,
                  t.precision, f" | {self.augment}" if self.augment is not None else "")
