@@ -36,7 +36,7 @@ from evaluation.reference_stats import reference_identity
 from evaluation.settings import check_metrics, eval_settings, primary_key, run_group
 from evaluation.sweep import run_config
 from training.checkpoint import load_denoiser
-from training.denoiser import build_denoiser
+from training.denoiser import denoiser_from_geometry
 from training.distributed import barrier, broadcast_object
 from training.posthoc_ema import (
     SNAPSHOT_DIR,
@@ -169,11 +169,8 @@ def _evaluate_run(item: Mapping[str, Any], todo: Sequence[float], settings: Mapp
         run_cfg = OmegaConf.create(info["config"])
         geometry = info["geometry"]
         for sigma_rel, state, residual in zip(chunk, states, info["fit_residual"]):
-            denoiser = build_denoiser(run_cfg, img_resolution=geometry["img_resolution"],
-                                      img_channels=geometry["img_channels"], label_dim=geometry["label_dim"],
-                                      augment_dim=geometry.get("augment_dim", 0))
+            denoiser = denoiser_from_geometry(run_cfg, geometry)
             denoiser.load_state_dict(state)
-            denoiser.latent_info = geometry.get("latent_info")
             denoiser = denoiser.eval().requires_grad_(False).to(device)
             result = evaluate_model(denoiser, item["data"], item["sampler"], settings, device=device,
                                     get_reference=get_reference, distributed=distributed)

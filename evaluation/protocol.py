@@ -278,7 +278,8 @@ def _ceiling(job: _Job, denoiser: torch.nn.Module, run_cfg: Any) -> tuple[dict[s
         torch.manual_seed(seed)
         fresh = build_denoiser(run_cfg, denoiser.img_resolution, denoiser.img_channels,
                                label_dim=int(getattr(denoiser, "label_dim", 0)),
-                               augment_dim=int(getattr(denoiser, "augment_dim", 0)))
+                               augment_dim=int(getattr(denoiser, "augment_dim", 0)),
+                               latent_info=getattr(denoiser, "latent_info", None))
     fresh = fresh.eval().requires_grad_(False).to(job.device)
     untrained = _my_images(fresh, job.data_cfg, job.settings, job.sampler_cfg, device=job.device, n=job.num_samples,
                            first=seed, distributed=job.distributed)

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from scipy import integrate, special, stats
 
 from diffusion.schedules import SCHEDULES, build_schedule
+from diffusion.sigma_grids import build_sigma_grid
 from evaluation.schedule_figure import logsnr_mass, write_schedule_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,6 +362,26 @@ def test_cosine_shifted_uses_the_pixel_resolution_for_latents():
     pinned = build_schedule({**cfg, "resolution": 32}, img_resolution=32, image_resolution=256)
     assert pinned.shift == pytest.approx(2 * math.log(2.0))
     assert "resolution 32: schedule.resolution" in repr(pinned)
+
+
+def test_sampling_steps_from_cosine_shifted_see_the_pixel_resolution_as_training_did():
+    """A latent model rebuilt for sampling from its checkpoint's geometry places sampler.steps_from=cosine_shifted
+    steps at the images' resolution, as its training schedule did: the grid equals that of pixel data at 256 and
+    differs from the latent resolution's."""
+    from training.denoiser import denoiser_from_geometry
+    from training.generate import prepare_sampling
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = OmegaConf.create({"model": OmegaConf.load(configs / "model" / "unet_tiny.yaml"),
+                            "precond": OmegaConf.load(configs / "precond" / "edm.yaml")})
+    geometry = {"img_resolution": 4, "img_channels": 4, "label_dim": 0,
+                "latent_info": {"image_resolution": 256, "scale": [1.0] * 4}}
+    denoiser = denoiser_from_geometry(cfg, geometry)
+    sampler = {"name": "heun", "num_steps": 8, "steps_from": "cosine_shifted"}
+    grid = prepare_sampling(denoiser, sampler, device="cpu").sigmas
+    pixels = build_sigma_grid(sampler, schedule_context={"img_resolution": 256})
+    latent = build_sigma_grid(sampler, schedule_context={"img_resolution": 4})
+    assert torch.equal(grid, pixels) and not torch.allclose(grid, latent)
 
 
 @pytest.mark.parametrize(("cfg", "match"), [

@@ -151,7 +151,7 @@ def export_safetensors(path: str | os.PathLike, out: str | os.PathLike, ema: boo
     """Write a checkpoint's network weights (EMA by default) as safetensors, with the config in the metadata.
 
     The file holds only tensors; the metadata strings ``config`` (JSON) and ``geometry`` (JSON) say how to rebuild
-    the network (``diffusion.preconditioning.build_denoiser``). Written atomically like the checkpoints;
+    the network (``training.denoiser.build_denoiser``). Written atomically like the checkpoints;
     ``load_denoiser`` reads these files too.
     """
     import json
@@ -171,7 +171,7 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch
     """Rebuild the denoiser of a checkpoint (EMA weights by default); returns ``(denoiser, config)``."""
     from omegaconf import OmegaConf
 
-    from training.denoiser import build_denoiser
+    from training.denoiser import denoiser_from_geometry
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -179,10 +179,8 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, device: str | torch
     state = load_checkpoint(path)
     cfg = OmegaConf.create(state["config"])
     geometry = state["geometry"]
-    denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
-                              label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
+    denoiser = denoiser_from_geometry(cfg, geometry)
     denoiser.load_state_dict(state["ema" if ema else "net"])
-    denoiser.latent_info = geometry.get("latent_info")  # set for latent-space models: how to decode their samples
     return denoiser.eval().requires_grad_(False).to(device), cfg
 
 
@@ -193,7 +191,7 @@ def _load_safetensors_denoiser(path: Path, device: str | torch.device):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from training.denoiser import build_denoiser
+    from training.denoiser import denoiser_from_geometry
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
@@ -201,10 +199,8 @@ def _load_safetensors_denoiser(path: Path, device: str | torch.device):
         raise CheckpointError(f"{path} is not a sigmalab weights file (no 'sigmalab-weights' metadata)")
     cfg = OmegaConf.create(json.loads(metadata["config"]))
     geometry = json.loads(metadata["geometry"])
-    denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
-                              label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
+    denoiser = denoiser_from_geometry(cfg, geometry)
     denoiser.load_state_dict(load_file(str(path)))
-    denoiser.latent_info = geometry.get("latent_info")
     return denoiser.eval().requires_grad_(False).to(device), cfg
 
 

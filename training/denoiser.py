@@ -8,6 +8,7 @@ is given.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -18,8 +19,12 @@ from models.edm2 import EDM2LogVar
 
 
 def build_denoiser(cfg: Any, img_resolution: int, img_channels: int, label_dim: int = 0,
-                   augment_dim: int = 0) -> Preconditioner:
-    """A freshly initialised denoiser from a full run config (its ``model`` and ``precond`` groups)."""
+                   augment_dim: int = 0, latent_info: Mapping[str, Any] | None = None) -> Preconditioner:
+    """A freshly initialised denoiser from a full run config (its ``model`` and ``precond`` groups).
+
+    ``latent_info`` (latent datasets: the VAE, normalisation and the decoded images' ``image_resolution``) travels
+    with it, so that samples can be decoded and a resolution-dependent sampling grid (``sampler.steps_from=
+    cosine_shifted``) sees the same pixel resolution as training did."""
     net = build_network(cfg.model if hasattr(cfg, "model") else cfg["model"], img_resolution=img_resolution,
                         img_channels=img_channels, label_dim=label_dim, augment_dim=augment_dim)
     precond = cfg.precond if hasattr(cfg, "precond") else cfg["precond"]
@@ -29,7 +34,15 @@ def build_denoiser(cfg: Any, img_resolution: int, img_channels: int, label_dim: 
     denoiser.img_channels = int(img_channels)
     denoiser.label_dim = int(label_dim)
     denoiser.augment_dim = int(augment_dim)
+    denoiser.latent_info = None if latent_info is None else dict(latent_info)
     return denoiser
+
+
+def denoiser_from_geometry(cfg: Any, geometry: Mapping[str, Any]) -> Preconditioner:
+    """``build_denoiser`` from a checkpoint's ``geometry`` entry (resolution, channels, labels, latent info)."""
+    return build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
+                          label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0),
+                          latent_info=geometry.get("latent_info"))
 
 
 def build_uncertainty(cfg: Any) -> nn.Module | None:

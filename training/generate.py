@@ -97,6 +97,7 @@ def prepare_sampling(denoiser: Callable[..., Tensor], sampler_cfg: Any, *, devic
     sampler, options = resolve_sampler(sampler_cfg)
     dtype = _dtype(str(to_plain_dict(sampler_cfg).get("dtype") or "float64"))
     context = {"img_resolution": getattr(denoiser, "img_resolution", None),
+               "image_resolution": (getattr(denoiser, "latent_info", None) or {}).get("image_resolution"),
                "sigma_data": getattr(denoiser, "sigma_data", None)}
     sigmas = build_sigma_grid(sampler_cfg, dtype=dtype, device=device, profile_schedule=profile_schedule,
                               schedule_context={k: v for k, v in context.items() if v is not None})

@@ -332,7 +332,7 @@ def load_posthoc_denoiser(path: str | os.PathLike, sigma_rel: float, at_kimg: fl
     the checkpoint's time when ``path`` is a checkpoint file); returns (denoiser, run config, info)."""
     from omegaconf import OmegaConf
 
-    from training.denoiser import build_denoiser
+    from training.denoiser import denoiser_from_geometry
 
     if at_kimg is None and Path(path).is_file():
         m = re.match(r"^checkpoint-(\d{10})\.pt$", Path(path).name)
@@ -341,10 +341,8 @@ def load_posthoc_denoiser(path: str | os.PathLike, sigma_rel: float, at_kimg: fl
     (state,), info = reconstruct(path, [sigma_rel], at_nimg)
     cfg = OmegaConf.create(info.pop("config"))
     geometry = info.pop("geometry")
-    denoiser = build_denoiser(cfg, img_resolution=geometry["img_resolution"], img_channels=geometry["img_channels"],
-                              label_dim=geometry["label_dim"], augment_dim=geometry.get("augment_dim", 0))
+    denoiser = denoiser_from_geometry(cfg, geometry)
     denoiser.load_state_dict(state)
-    denoiser.latent_info = geometry.get("latent_info")
     info.update(sigma_rel=float(sigma_rel), gamma=sigma_rel_to_gamma(sigma_rel), at_kimg=info["at_nimg"] / 1000,
                 fit_residual=info["fit_residual"][0])
     return denoiser.eval().requires_grad_(False).to(device), cfg, info

@@ -134,7 +134,8 @@ class Trainer:
         self._build_denoiser()
         self._build_objective()
         # The sampler config is used only for sample grids and evaluation: check it now, not hours into the run.
-        build_sigma_grid(cfg.sampler, schedule_context={"img_resolution": self.dataset.resolution},
+        build_sigma_grid(cfg.sampler, schedule_context={"img_resolution": self.dataset.resolution, "image_resolution":
+                                                        getattr(self.dataset, "image_resolution", None)},
                          profile_schedule=self._grid_profile())
         sampler_options(cfg.sampler)
         t = cfg.train
@@ -168,7 +169,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.denoiser = build_denoiser(cfg, img_resolution=self.dataset.resolution,
                                        img_channels=self.dataset.num_channels, label_dim=self.label_dim,
-                                       augment_dim=self.augment_dim).to(self.device)
+                                       augment_dim=self.augment_dim,
+                                       latent_info=getattr(self.dataset, "latent_info", None)).to(self.device)
         self.channels_last = (t.channels_last is True or (t.channels_last == "auto" and self.device.type == "cuda"
                                                           and cfg.model.get("arch") in _CONV_ARCHS))
         if self.channels_last:
