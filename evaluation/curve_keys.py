@@ -34,7 +34,7 @@ from configs import flatten, jsonable, to_plain_dict
 from configs.validation import location_keys
 from data.atomic import atomic_write_text
 from evaluation.features import resolve_feature_extractor, weights_digest
-from evaluation.reference_stats import dataset_identity, reference_identity
+from evaluation.reference_stats import dataset_identity, legacy_reference_identity
 from evaluation.settings import CURVE_FILE, check_metrics, short_hash
 
 __all__ = [
@@ -112,7 +112,7 @@ def legacy_curve_settings(settings: Mapping[str, Any], data_cfg: Any, sampler_cf
         path = os.path.abspath(os.path.expanduser(str(ref)))
         out["reference"] = f"stats:{path}:{weights_digest(path) if os.path.isfile(path) else ''}"
     else:
-        out["reference"] = reference_identity(data_cfg, "train")
+        out["reference"] = legacy_reference_identity(data_cfg, "train")
     out["sampler"] = to_plain_dict(sampler_cfg)
     out["ema"] = bool(ema)
     return out

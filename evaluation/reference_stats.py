@@ -2,7 +2,7 @@
 
 Reference statistics of a dataset are cached by torch-fidelity under ``<eval.cache_dir>/fidelity`` with a cache
 name holding the dataset identity (``reference_identity``: source, name, split, resolution, channels, binarize,
-split seed, path), the extractor and the digest of its weights file, and the number of reference images, so stale
+split seed and, for data read from files, a fingerprint of the content, not its path), the extractor and the digest of its weights file, and the number of reference images, so stale
 statistics cannot be reused by mistake.
 
 **Published reference statistics**: ``eval.reference_stats=<file.npz>`` uses the ``mu``/``sigma`` arrays of the
@@ -56,6 +56,7 @@ from evaluation.settings import DINOV2_EXTRACTOR, eval_settings, safe_name, shor
 
 __all__ = [
     "reference_identity",
+    "legacy_reference_identity",
     "save_reference_statistics",
     "load_reference_statistics",
     "check_reference_statistics",
@@ -70,13 +71,32 @@ IDENTITY_ITEMS = 16  # items whose pixels go into a dataset's content fingerprin
 _IDENTITY_MEMO: dict[str, str] = {}
 
 
-def reference_identity(data_cfg: Any, split: str) -> str:
-    """A file-name-safe string naming a reference image set: everything its pixels depend on (not the x-flip)."""
-    d = to_plain_dict(data_cfg)
+def _identity_parts(d: Mapping[str, Any], split: str) -> list[str]:
     parts = [str(d.get("name")), f"src-{d.get('source')}", split, f"res{d.get('resolution')}", f"ch{d.get('channels')}"]
     if d.get("source") == "digits":
         parts += [f"bin{int(bool(d.get('binarize', False)))}", f"split{d.get('split_seed')}",
                   f"heldout{d.get('heldout_fraction')}"]
+    return parts
+
+
+def reference_identity(data_cfg: Any, split: str) -> str:
+    """A file-name-safe string naming a reference image set: everything its pixels depend on (not the x-flip).
+
+    Data read from files is named by its content (``dataset_identity``'s fingerprint), not by its path or file
+    times: a copy of the data moved to a node's local disk keeps its cached reference statistics, and a re-prepared
+    dataset at the same path gets new ones."""
+    d = to_plain_dict(data_cfg)
+    parts = _identity_parts(d, split)
+    if any(d.get(key) and d.get(key) != "???" for key in ("path", "test_path")):
+        parts.append(f"data-{dataset_identity(data_cfg, split).rpartition('/')[2]}")
+    return safe_name("-".join(parts))
+
+
+def legacy_reference_identity(data_cfg: Any, split: str) -> str:
+    """The reference name of version 1 of the curve files (path, size and modification time of the data files),
+    kept only to recognise their points (``evaluation.curve_keys``)."""
+    d = to_plain_dict(data_cfg)
+    parts = _identity_parts(d, split)
     for key in ("path", "test_path"):
         path = d.get(key)
         if path and path != "???":

@@ -188,11 +188,11 @@ def test_sweep_likelihood_in_one_command(tmp_path):
 
 def _legacy_settings(data_cfg, sampler_cfg, settings):
     """What version 1 of the curve code wrote as a point's settings (written out here from that code)."""
-    from evaluation.reference_stats import reference_identity
+    from evaluation.reference_stats import legacy_reference_identity
 
     out = {k: settings[k] for k in ["metrics", "num_samples", "seed", "seed_repeats", "feature_extractor_weights_path"]}
     out.update({k: settings[k] for k in settings if k.startswith("nll_") and k != "nll_batch"})
-    out["reference"] = reference_identity(data_cfg, "train")
+    out["reference"] = legacy_reference_identity(data_cfg, "train")
     out["sampler"] = OmegaConf.to_container(sampler_cfg, resolve=True)
     out["ema"] = True
     return out
@@ -211,11 +211,16 @@ def test_curve_keys_hold_what_the_data_is_not_where(prepared, tmp_path):
     key = settings_key(curve_settings(settings, data, sampler, True))
     assert settings_key(curve_settings(settings, moved, sampler, True)) == key
     assert dataset_identity(moved, "train") == dataset_identity(data, "train")
+    # the cache name of the reference statistics too: a copy keeps them, other content does not
+    ref_name = reference_stats.reference_identity(data, "train")
+    assert reference_stats.reference_identity(moved, "train") == ref_name
+    assert str(prepared) not in ref_name and "imagenet" in ref_name
     shard = np.load(copy / "images-00000.npy")
     shard[3, 0, 0, 0] ^= 1  # one bit of one item the fingerprint samples
     np.save(copy / "images-00000.npy", shard)
     reference_stats._IDENTITY_MEMO.clear()  # (memoised per config within a process)
     assert settings_key(curve_settings(settings, moved, sampler, True)) != key
+    assert reference_stats.reference_identity(moved, "train") != ref_name
 
     run = tmp_path / "run"
     _imagenet_train(run, prepared)
