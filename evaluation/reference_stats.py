@@ -2,8 +2,8 @@
 
 Reference statistics of a dataset are cached by torch-fidelity under ``<eval.cache_dir>/fidelity`` with a cache
 name holding the dataset identity (``reference_identity``: source, name, split, resolution, channels, binarize,
-split seed and, for data read from files, a fingerprint of the content, not its path), the extractor and the digest of its weights file, and the number of reference images, so stale
-statistics cannot be reused by mistake.
+split seed and, for data read from files, a fingerprint of the content, not its path), the extractor and the digest
+of its weights file, and the number of reference images, so stale statistics cannot be reused by mistake.
 
 **Published reference statistics**: ``eval.reference_stats=<file.npz>`` uses the ``mu``/``sigma`` arrays of the
 reference files of EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
