@@ -32,10 +32,8 @@ from omegaconf import OmegaConf
 from configs import jsonable
 from data.atomic import atomic_write_text
 from evaluation.curve_keys import curve_settings, legacy_curve_settings, rekey_legacy_entries, settings_key
-from evaluation.features import eval_device
 from evaluation.figures import plot_curves
-from evaluation.protocol import evaluate_model, reference_getter
-from evaluation.reference_stats import reference_identity
+from evaluation.protocol import evaluate_model, evaluate_plan, planned_evaluation
 from evaluation.settings import (
     CURVE_FILE,
     check_metrics,
@@ -207,29 +205,21 @@ def run_curves(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None) -
 
     Returns ``{"runs": {name: [(kimg, value), ...]}, "metric", "table", "plot", "summary"}`` on rank 0.
     """
-    settings = eval_settings(cfg.eval)
-    settings["baselines"] = False
-    check_metrics(settings["metrics"])
+    ctx = planned_evaluation(cfg, dist_info)
+    settings = ctx.settings
     interpolation = check_interpolation(str(settings["target_interpolation"]))
-    device = dist_info.device if dist_info is not None else eval_device(str(cfg.get("device", "auto")))
-    main = dist_info is None or dist_info.rank == 0
     root = Path(os.path.expanduser(str(cfg.run_dir)))
     ema = bool(cfg.get("ema", True))
-    plan = _curve_plan(find_runs(root), root, cfg, overrides, settings, ema, main)
-    todos = broadcast_object([p["todo"] for p in plan])
-    references: dict[str, Any] = {}
-    for item, todo in zip(plan, todos):
-        if main:
-            print(f"[{item['name']}] {len(todo)} of {item['total']} checkpoints to evaluate "
-                  f"(settings {item['key']})", flush=True)
-        ident = reference_identity(item["data"], "train")
-        if ident not in references:
-            references[ident] = reference_getter(item["data"], settings)
+    plan = _curve_plan(find_runs(root), root, cfg, overrides, settings, ema, ctx.main)
+
+    def evaluate(item: Mapping[str, Any], todo: Sequence[Path], get_reference: Callable[[], Any]) -> None:
         for ckpt in todo:
-            _evaluate_checkpoint(item, ckpt, settings, references[ident], device=device, ema=ema,
-                                 distributed=dist_info is not None, main=main)
-    barrier()
-    if not main:
+            _evaluate_checkpoint(item, ckpt, settings, get_reference, device=ctx.device, ema=ema,
+                                 distributed=ctx.distributed, main=ctx.main)
+
+    evaluate_plan(plan, ctx, lambda item, todo: f"[{item['name']}] {len(todo)} of {item['total']} checkpoints to "
+                  f"evaluate (settings {item['key']})", evaluate)
+    if not ctx.main:
         return {}
     return _summarise_curves(plan, settings, interpolation, root)
 

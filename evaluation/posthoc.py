@@ -30,14 +30,11 @@ from omegaconf import OmegaConf
 from configs import jsonable
 from data.atomic import atomic_write_text
 from evaluation.curves import curve_settings, run_name, settings_key
-from evaluation.features import eval_device
-from evaluation.protocol import evaluate_model, reference_getter
-from evaluation.reference_stats import reference_identity
-from evaluation.settings import check_metrics, eval_settings, primary_key, run_group
+from evaluation.protocol import evaluate_model, evaluate_plan, planned_evaluation
+from evaluation.settings import primary_key, run_group
 from evaluation.sweep import run_config
 from training.checkpoint import load_denoiser
 from training.denoiser import denoiser_from_geometry
-from training.distributed import barrier, broadcast_object
 from training.posthoc_ema import (
     SNAPSHOT_DIR,
     ema_choice,
@@ -110,26 +107,16 @@ def run_ema_sweep(cfg: Any, overrides: Sequence[str] = (), dist_info: Any = None
     if not choice.sigma_rels:
         raise ValueError("ema_sweep needs the EMA lengths to try: ema.sigma_rels=[0.04,0.06,0.08,0.10,0.13,0.16] "
                          "(EDM2's relative standard deviation σ_rel, each in (0, 0.3003))")
-    settings = eval_settings(cfg.eval)
-    settings["baselines"] = False
-    check_metrics(settings["metrics"])
-    device = dist_info.device if dist_info is not None else eval_device(str(cfg.get("device", "auto")))
-    main = dist_info is None or dist_info.rank == 0
+    ctx = planned_evaluation(cfg, dist_info)
+    settings = ctx.settings
     root = Path(os.path.expanduser(str(cfg.ema_sweep)))
-    plan = [_plan_run(run, root, cfg, overrides, settings, choice, main) for run in find_posthoc_runs(root)]
-    todos = broadcast_object([item["todo"] for item in plan])
-    references: dict[str, Any] = {}
-    for item, todo in zip(plan, todos):
-        if main:
-            print(f"[{item['name']}] {len(todo)} of {len(choice.sigma_rels)} EMA lengths to evaluate at "
-                  f"{item['at_nimg'] / 1000:g} kimg (settings {item['key']})", flush=True)
-        ident = reference_identity(item["data"], "train")
-        if ident not in references:
-            references[ident] = reference_getter(item["data"], settings)
-        _evaluate_run(item, todo, settings, references[ident], device=device, distributed=dist_info is not None,
-                      main=main)
-    barrier()
-    if not main:
+    plan = [_plan_run(run, root, cfg, overrides, settings, choice, ctx.main) for run in find_posthoc_runs(root)]
+    evaluate_plan(plan, ctx, lambda item, todo: f"[{item['name']}] {len(todo)} of {len(choice.sigma_rels)} EMA "
+                  f"lengths to evaluate at {item['at_nimg'] / 1000:g} kimg (settings {item['key']})",
+                  lambda item, todo, get_reference: _evaluate_run(item, todo, settings, get_reference,
+                                                                 device=ctx.device, distributed=ctx.distributed,
+                                                                 main=ctx.main))
+    if not ctx.main:
         return {}
     return _summarise(plan, settings, root)
 

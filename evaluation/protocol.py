@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from torch import Tensor
 from configs import to_plain_dict
 from data import build_dataset
 from evaluation.feature_metrics import FeatureSet, image_features
-from evaluation.features import resolve_feature_extractor
+from evaluation.features import eval_device, resolve_feature_extractor
 from evaluation.likelihood import likelihood_metrics
 from evaluation.metrics import compute_metrics, metrics_of_features
 from evaluation.preflight import PreflightResult, check_evaluation
@@ -53,6 +53,7 @@ from evaluation.reference_stats import reference_identity
 from evaluation.samples_file import SamplesNpzWriter
 from evaluation.settings import check_metrics, eval_settings, primary_key
 from training.denoiser import build_denoiser
+from training.distributed import barrier, broadcast_object
 from training.generate import generate_images, latent_codec_for
 from training.rng import preserved_rng
 
@@ -64,6 +65,9 @@ __all__ = [
     "evaluate_denoiser",
     "evaluate_during_training",
     "preflight_during_training",
+    "PlannedEvaluation",
+    "planned_evaluation",
+    "evaluate_plan",
 ]
 
 CEILING_NOTE = "ceiling: needs ckpt= (an untrained model of the checkpoint's architecture)"
@@ -330,6 +334,42 @@ def reference_getter(data_cfg: Any, settings: Mapping[str, Any], reference: Any 
         return memo["ref"]
 
     return get
+
+
+@dataclasses.dataclass
+class PlannedEvaluation:
+    """What every directory-wide evaluation (``run_dir=`` curves, ``ema_sweep=``) shares: the evaluation settings
+    (no floor/ceiling columns), the device, whether this is rank 0 and whether ranks split the sampling."""
+    settings: dict[str, Any]
+    device: torch.device
+    main: bool
+    distributed: bool
+
+
+def planned_evaluation(cfg: Any, dist_info: Any = None) -> PlannedEvaluation:
+    settings = eval_settings(cfg.eval)
+    settings["baselines"] = False
+    check_metrics(settings["metrics"])
+    device = dist_info.device if dist_info is not None else eval_device(str(cfg.get("device", "auto")))
+    return PlannedEvaluation(settings, device, dist_info is None or dist_info.rank == 0, dist_info is not None)
+
+
+def evaluate_plan(plan: Sequence[Mapping[str, Any]], ctx: PlannedEvaluation,
+                  describe: Callable[[Mapping[str, Any], Sequence[Any]], str],
+                  evaluate: Callable[[Mapping[str, Any], Sequence[Any], Callable[[], Any]], None]) -> None:
+    """Evaluate each planned run's ``todo`` (rank 0's plan, broadcast so every rank does the same work): print
+    ``describe(item, todo)`` on rank 0, then ``evaluate(item, todo, get_reference)``; the reference split is built
+    once per distinct data set. Ends with a barrier."""
+    todos = broadcast_object([item["todo"] for item in plan])
+    references: dict[str, Any] = {}
+    for item, todo in zip(plan, todos):
+        if ctx.main:
+            print(describe(item, todo), flush=True)
+        ident = reference_identity(item["data"], "train")
+        if ident not in references:
+            references[ident] = reference_getter(item["data"], ctx.settings)
+        evaluate(item, todo, references[ident])
+    barrier()
 
 
 def evaluate_denoiser(
