@@ -115,7 +115,8 @@ def report_rows(configs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[d
     Returns (label per run, {column: value} per run, the columns). The columns are the fewest varied settings that
     tell the rows apart, chosen in order: the ``name`` of a varied group (schedule, precond, weighting, model, ...),
     then single keys (``train.lr``, ``schedule.p_mean``); a setting that splits no row further is left out (e.g. the
-    sampler's ``t_max`` that comes with the Laplace schedule). A single row is labelled by its schedule.
+    sampler's ``t_max`` that comes with the Laplace schedule). A single key's value shared by more than half of the
+    runs is left out of the labels (the columns still show it). A single row is labelled by its schedule.
     """
     flats = [{k: canon(v) for k, v in _setting_keys(cfg).items()} for cfg in configs]
     raws = [_setting_keys(cfg) for cfg in configs]
@@ -123,14 +124,30 @@ def report_rows(configs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[d
     if not chosen:
         chosen = ["schedule.name"] if any("schedule.name" in raw for raw in raws) else []
     columns = [k[: -len(".name")] if k.endswith(".name") and k.count(".") == 1 else k for k in chosen]
+    usual = _usual_values(chosen, raws)
     labels, aspects = [], []
     for raw in raws:
         cells = {col: (short(raw[key]) if key in raw else "—") for col, key in zip(columns, chosen)}
         parts = [(value if key.endswith(".name") and key.count(".") == 1 else f"{key}={value}")
-                 for key, value in zip(chosen, cells.values()) if key in raw]
+                 for key, value in zip(chosen, cells.values())
+                 if key in raw and not (key in usual and canon(raw[key]) == usual[key])]
         labels.append("/".join(parts) or "run")
         aspects.append(cells)
     return labels, aspects, columns
+
+
+def _usual_values(chosen: Sequence[str], raws: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """For each chosen single key (not a group name), the value most runs share, when more than half do: labels
+    leave it out (``laplace``, ``laplace/schedule.snr_reference=data`` rather than ``.../...=unit`` on every row)."""
+    usual = {}
+    for key in chosen:
+        if key.endswith(".name") and key.count(".") == 1:
+            continue
+        values = [canon(raw[key]) for raw in raws if key in raw]
+        top = max(set(values), key=values.count) if values else None
+        if top is not None and 2 * values.count(top) > len(raws):
+            usual[key] = top
+    return usual
 
 
 def _row_keys(flats: Sequence[Mapping[str, str]]) -> list[str]:

@@ -275,6 +275,15 @@ def test_row_labels_from_configs():
     assert columns == ["schedule", "train.lr"]
     assert labels == ["laplace/train.lr=0.001"] * 2 + ["laplace/train.lr=0.002", "cauchy/train.lr=0.002"]
     assert aspects[0] == {"schedule": "laplace", "train.lr": "0.001"}
+    # The fair-comparison sweep: a setting most runs share is left out of the labels (not of the columns), so the
+    # plain arms keep their schedule's name and eval.baseline_run=lognormal names one row.
+    arms = [["schedule=" + s] for s in ("lognormal", "laplace", "infonoise")]
+    labels, aspects, columns = report_rows(cfgs(*arms, ["schedule=laplace", "schedule.snr_reference=data"],
+                                                ["schedule=lognormal", "train.sigma_draw=stratified"]))
+    assert columns == ["schedule", "schedule.snr_reference", "train.sigma_draw"]
+    assert labels == ["lognormal", "laplace", "infonoise", "laplace/schedule.snr_reference=data",
+                      "lognormal/train.sigma_draw=stratified"]
+    assert aspects[0] == {"schedule": "lognormal", "schedule.snr_reference": "unit", "train.sigma_draw": "iid"}
     # Nothing but the seed (and bookkeeping such as the tick length) varies: one row, named by its schedule.
     labels, _, columns = report_rows(cfgs(["seed=0"], ["seed=1", "train.tick_kimg=5"]))
     assert labels == ["lognormal", "lognormal"] and columns == ["schedule"]
