@@ -37,3 +37,28 @@ def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600, check
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def write_random_inception_weights(path: Path) -> Path:
+    """A randomly initialised Inception-v3 weights file in torch-fidelity's layout (no download): Kaiming-normal
+    weights (seed 0) and zero biases, since the default init makes activations vanish through its ~95 layers."""
+    import pytest
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+    from torch import nn
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    try:
+        model = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        mp.undo()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, generator=g)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    torch.save(model.state_dict(), path)
+    return path

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from evaluation import protocol
 from evaluation import run as run_module
@@ -32,7 +31,7 @@ from evaluation.preflight import check_evaluation
 from evaluation.reference_stats import save_reference_statistics
 from evaluation.run import run_evaluation
 from evaluation.settings import INCEPTION_EXTRACTOR, eval_settings
-from tests.helpers import compose
+from tests.helpers import compose, write_random_inception_weights
 from training import generate
 from training.checkpoint import checkpoint_name, save_checkpoint
 from training.denoiser import build_denoiser
@@ -65,23 +64,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
-    """A randomly initialised Inception-v3 weights file (torch-fidelity's architecture; no download)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-    try:
-        model = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        mp.undo()
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, generator=g)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 @pytest.fixture

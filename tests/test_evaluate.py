@@ -20,7 +20,6 @@ import pytest
 import scipy.linalg
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from data import build_dataset
 from evaluation import digits_classifier as dc
@@ -34,6 +33,7 @@ from evaluation.reference_stats import (
     save_reference_statistics,
 )
 from evaluation.run import run_evaluation
+from tests.helpers import write_random_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -258,24 +258,7 @@ def test_png_folder_samples(tmp_path, splits):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-    try:
-        model = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        mp.undo()
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():  # default init makes activations vanish through ~95 layers (see environment.md)
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, generator=g)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return str(write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth"))
 
 
 def test_inception_with_weights_file(random_inception_weights, tmp_path):
