@@ -19,6 +19,19 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread in this process too, whatever OMP_NUM_THREADS says (set before any module's fixtures):
+    results that depend on the order of reductions (bit-exact resumes, the legacy fixture) are compared with one
+    thread, and 2 CI cores are not shared between threads of one test."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Caches (classifier weights, reference statistics) go to one per-session temporary directory."""

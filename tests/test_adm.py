@@ -32,14 +32,6 @@ def load_cfg(name: str = "adm", **overrides):
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def adm_meta():
     with torch.device("meta"):

@@ -33,7 +33,6 @@ from tests.helpers import FAST_TRAIN, ROOT, compose, run_cli
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.trainer import train
 
-torch.set_num_threads(1)
 SYNSETS = ["n01440764", "n02085620"]
 SIZES = [(90, 70), (64, 101), (77, 77), (120, 45)]
 

@@ -38,8 +38,6 @@ from evaluation.reference_stats import (
     save_reference_statistics,
 )
 
-torch.set_num_threads(1)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Preprocessing

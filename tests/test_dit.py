@@ -34,14 +34,6 @@ def load_cfg(name: str, **overrides):
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _perturb_zero_init(net: torch.nn.Module, std: float = 0.05) -> None:
     """Random weights for DiT's zero-initialised adaLN modulations and final linear."""
     with torch.no_grad():

@@ -36,7 +36,6 @@ from training import generate
 from training.checkpoint import checkpoint_name, save_checkpoint
 from training.denoiser import build_denoiser
 
-torch.set_num_threads(1)
 FAST = 5.0  # seconds: the failures below take well under one on a 2-core CPU; a generous bound for a busy machine
 
 

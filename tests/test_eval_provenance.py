@@ -15,7 +15,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from evaluation import curves as curves_module
 from evaluation import run as run_module
@@ -23,8 +22,6 @@ from evaluation.run import run_evaluation
 from tests.helpers import compose, run_cli
 from tests.test_eval_preflight import write_run
 from training.checkpoint import export_safetensors
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

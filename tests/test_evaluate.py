@@ -36,7 +36,6 @@ from evaluation.run import run_evaluation
 from tests.helpers import write_random_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

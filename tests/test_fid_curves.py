@@ -29,7 +29,6 @@ from evaluation.settings import DEFAULT_EVAL
 from tests.helpers import ROOT, compose, run_cli
 from training.checkpoint import list_checkpoints, load_denoiser
 
-torch.set_num_threads(1)
 KEY = "fid_digits_classifier"
 TINY_TRAIN = ["train.batch=32", "train.total_kimg=0.096", "train.tick_kimg=0.032", "train.snapshot_kimg=0",
               "train.checkpoint_kimg=0.032", "train.keep_checkpoints=0", "train.lr_rampup_kimg=0", "train.grid_seeds=0",

@@ -21,7 +21,6 @@ from scipy.stats import norm
 
 from diffusion import likelihood as lk
 
-torch.set_num_threads(1)
 SMIN, SMAX = 0.002, 80.0
 LN2 = math.log(2)
 

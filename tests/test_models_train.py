@@ -33,14 +33,6 @@ REDUCED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _resolution(cfg) -> int:
     """16 for every network except patch-8 DiTs (32, so that they still see 16 tokens)."""
     return 32 if cfg.arch == "dit" and cfg.patch_size >= 8 else 16

@@ -15,7 +15,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from configs import jsonable
@@ -28,7 +27,6 @@ from evaluation.settings import eval_settings
 from evaluation.sweep import report_rows
 from tests.helpers import CONFIG_DIR, FAST_TRAIN, compose, run_cli
 
-torch.set_num_threads(1)
 DIGITS_KEY = "fid_digits_classifier"
 INCEPTION_KEY = "fid_inception"
 

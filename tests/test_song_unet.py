@@ -40,14 +40,6 @@ def load_cfg(name: str, **overrides):
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Parameter counts against EDM's published numbers (built on the meta device: no memory, no init cost).
 # --------------------------------------------------------------------------------------------------------------
