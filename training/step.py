@@ -67,6 +67,14 @@ def grid_labels(num: int, label_dim: int) -> torch.Tensor | None:
     return torch.arange(num) // side % label_dim
 
 
+def setup_backends(train_cfg: Any, device: torch.device) -> None:
+    """On CUDA: TF32 matmuls and convolutions as ``train.tf32`` says, and cuDNN's autotuner (fixed shapes)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(train_cfg.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(train_cfg.tf32)
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to ``dtype`` on ``device``'s type, or nothing for fp32."""
     if dtype is None:

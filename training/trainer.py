@@ -80,6 +80,7 @@ from training.step import (
     loader_settings,
     micro_batch,
     set_adam_implementation,
+    setup_backends,
 )
 from training.step_checks import NonFiniteGuard, StopVote
 
@@ -93,13 +94,6 @@ EvaluateFn = Callable[[torch.nn.Module, Any, Any, torch.device, float], dict[str
 PlotProfileFn = Callable[[Path], Path]
 # preflight(cfg, dataset) -> anything; raises when the evaluation of eval.every_kimg cannot run
 PreflightFn = Callable[[Any, Any], Any]
-
-
-def _setup_backends(cfg: DictConfig, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
-        torch.backends.cudnn.benchmark = True
 
 
 @dataclass
@@ -128,7 +122,7 @@ class Trainer:
         self.evaluate_fn, self.plot_profile = evaluate_fn, plot_profile
         self.preflight = preflight
         self._check_config()
-        _setup_backends(cfg, self.device)
+        setup_backends(cfg.train, self.device)
         self._build_data()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self._build_denoiser()
