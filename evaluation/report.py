@@ -169,16 +169,19 @@ def _collect_table(sweep: _Sweep, members: list[Path], title: str) -> dict[str, 
 
 def _table_rows(sweep: _Sweep, members: Sequence[Path], labels: Sequence[str], aspects: Sequence[dict],
                 title: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """The rows of a table (label, label cells, runs with their seeds, published numbers) in sweep order."""
+    """The rows of a table (label, label cells, runs with their seeds, published numbers) in sweep order: rows that
+    differ from the usual setting (a ``key=value`` in the label) after those that do not, then by the sweep
+    directory they came from (a sweep of sweeps keeps each sweep's rows together) and the Hydra job number."""
     rows: dict[str, dict[str, Any]] = {}
     for run, label, cells in zip(members, labels, aspects):
-        row = rows.setdefault(label, {"label": label, "aspects": cells, "runs": [], "order": math.inf,
+        row = rows.setdefault(label, {"label": label, "aspects": cells, "runs": [], "order": (math.inf,),
                                       "paper": sweep.configs[run].get("paper"),
                                       "unverified": unverified_values(sweep.configs[run].get("schedule"))})
         seed = sweep.configs[run].get("seed")
         row["runs"].append({"dir": str(run), "name": run_name(run, sweep.root), "seed": seed})
         job = job_num(run)
-        row["order"] = min(row["order"], job if job is not None else math.inf)
+        order = (any("=" in part for part in label.split("/")), str(run.parent), job if job is not None else math.inf)
+        row["order"] = min(row["order"], order)
     for row in rows.values():
         seeds = [r["seed"] for r in row["runs"]]
         if len(set(map(str, seeds))) < len(seeds):

@@ -162,12 +162,17 @@ def _ema_text(train: Mapping[str, Any]) -> str:
 
 
 def _per_row(configs: Sequence[Mapping[str, Any]], values: Sequence[str]) -> str:
-    """One value, or 'by row: <label> <value>; ...' when the rows differ."""
+    """One value, or, when the rows differ, the value most runs have and the rows with each other value:
+    '<value> (<other value>: <label>, <label>; ...)'."""
     if len(set(values)) <= 1:
         return values[0] if values else "?"
     labels = report_rows(configs)[0]
-    per_label = dict(zip(labels, values))
-    return "by row: " + "; ".join(f"{lab} {val}" for lab, val in per_label.items())
+    usual = max(dict.fromkeys(values), key=values.count)
+    others: dict[str, list[str]] = {}
+    for lab, val in zip(labels, values):
+        if val != usual and lab not in others.setdefault(val, []):
+            others[val].append(lab)
+    return f"{usual} ({'; '.join(f'{val}: ' + ', '.join(labs) for val, labs in others.items())})"
 
 
 def training_noise_text(configs: Sequence[Mapping[str, Any]]) -> str:

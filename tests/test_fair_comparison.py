@@ -268,8 +268,13 @@ def test_report_states_the_setup_and_marks_unverified_rows(tmp_path):
         write_run(root / f"job{job}", [f"schedule={schedule}", "train.sigma_draw=stratified",
                                        "train.ema_halflife_kimg=20"], {30: 20.0 - job, 60: 10.0 - job}, job=job)
     md = format_report(collect_report(root))
-    assert ("Training noise: support by row: lognormal untruncated; cauchy σ ∈ [0.002, 80]; logSNR λ = −2·ln σ "
+    assert ("Training noise: support untruncated (σ ∈ [0.002, 80]: cauchy); logSNR λ = −2·ln σ "
             "(unit); σ draws stratified. Evaluated weights: EMA half-life 20 kimg (ramp-up 0.05).") in md
+    # a third row: the setting most runs share is stated once, the other rows are named after it
+    write_run(root / "job2", ["schedule=laplace", "train.sigma_draw=stratified", "train.ema_halflife_kimg=20"],
+              {30: 15.0, 60: 8.0}, job=2)
+    md = format_report(collect_report(root))
+    assert "Training noise: support σ ∈ [0.002, 80] (untruncated: lognormal); logSNR" in md
     assert "| cauchy † |" in md and "| lognormal |" in md
     assert "† Parameters no readable source fixes" in md and "cauchy: mu = 0, gamma = 1." in md
 
@@ -369,3 +374,24 @@ def test_bad_sigma_draw_fails_before_any_work(tmp_path):
         validate_train_config(compose("train", [f"run_dir={tmp_path}", "train.sigma_draw=sobol"]))
     with pytest.raises(ValueError, match="train.sigma_draw must be one of iid, stratified"):
         DenoisingLoss(build_schedule({"name": "laplace"}), build_weighting({"name": "edm"}), sigma_draw="sobol")
+
+
+def test_a_sweep_of_sweeps_lists_the_plain_arms_first_then_each_sweeps_variants(tmp_path):
+    """docs/results/fair/run.sh's layout: the arms' sweep, then sweeps that change one setting of some arms. Rows
+    with the usual settings come first in job order, then each other sweep's rows together, in its job order."""
+    from tests.test_report import write_run
+
+    root = tmp_path / "fair"
+    arms = [("support", ["schedule=lognormal"]), ("support", ["schedule=laplace"]), ("support", ["schedule=cosine"]),
+            ("snr_data", ["schedule=laplace", "schedule.snr_reference=data"]),
+            ("stratified", ["schedule=lognormal", "train.sigma_draw=stratified"]),
+            ("stratified", ["schedule=laplace", "train.sigma_draw=stratified"])]
+    jobs: dict[str, int] = {}
+    for sweep, overrides in arms:
+        job = jobs[sweep] = jobs.get(sweep, -1) + 1
+        write_run(root / sweep / f"job{job}", overrides, {30: 20.0, 60: 10.0}, job=job)
+    report = collect_report(root, {"baseline_run": "lognormal"})
+    assert report["tables"][0]["order"] == [
+        "lognormal", "laplace", "cosine", "laplace/schedule.snr_reference=data",
+        "lognormal/train.sigma_draw=stratified", "laplace/train.sigma_draw=stratified"]
+    assert report["tables"][0]["baseline"] == "lognormal"
