@@ -91,17 +91,27 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def _plot_rows(ax: Any, variant: Mapping[str, Any], baseline: str | None, cmap: Any) -> bool:
-    """One line per row of a report variant (±1 std band over seeds); whether every plotted mean is positive."""
+    """One line per row of a report variant (±1 std band over seeds); whether every plotted mean is positive.
+
+    Rows that differ only in a ``key=value`` part of their label (``laplace`` and ``laplace/train.sigma_draw=
+    stratified``) share a colour and differ in line style, so each setting's effect reads as a pair of lines."""
     positive = True
-    for i, (lab, r) in enumerate(variant["rows"].items()):
+    bases: dict[str, int] = {}
+    suffixes: dict[str, int] = {"": 0}
+    for lab, r in variant["rows"].items():
         if not r["mean_curve"]:
             continue
+        parts = lab.split("/")
+        base = "/".join(q for q in parts if "=" not in q)
+        suffix = "/".join(q for q in parts if "=" in q)
         kimg = np.array([k for k, _ in r["mean_curve"]])
         mean = np.array([r["cells"][k]["mean"] for k in kimg])
         std = np.array([r["cells"][k]["std"] or 0.0 for k in kimg])
         n = max(r["cells"][k]["n"] for k in kimg)
+        i = bases.setdefault(base, len(bases))
+        j = suffixes.setdefault(suffix, len(suffixes))
         color = cmap(i % 10)
-        style = "-" if i < 10 else "--"
+        style = ("-", "--", ":", "-.")[(j + i // 10) % 4]
         name = f"{lab} (n={n})" + (" — baseline" if lab == baseline else "")
         ax.plot(kimg, mean, style, marker="o", markersize=3, color=color, label=name)
         if n > 1:
