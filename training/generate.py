@@ -87,6 +87,15 @@ def load_guide(sampler_cfg: Any, device: torch.device | str, ema: bool = True) -
     return guide
 
 
+def grid_context(denoiser: Any) -> dict[str, Any]:
+    """What a schedule-placed σ grid (``sampler.steps_from=<schedule>``) is built with, from the denoiser: the
+    network's resolution, the images' pixel resolution (latent models: the decoded images') and σ_data."""
+    context = {"img_resolution": getattr(denoiser, "img_resolution", None),
+               "image_resolution": (getattr(denoiser, "latent_info", None) or {}).get("image_resolution"),
+               "sigma_data": getattr(denoiser, "sigma_data", None)}
+    return {k: v for k, v in context.items() if v is not None}
+
+
 def prepare_sampling(denoiser: Callable[..., Tensor], sampler_cfg: Any, *, device: torch.device | str,
                      label_dim: int | None = None, guide: Callable[..., Tensor] | None = None,
                      profile_schedule: Any = None) -> SamplingSetup:
@@ -96,11 +105,8 @@ def prepare_sampling(denoiser: Callable[..., Tensor], sampler_cfg: Any, *, devic
     device = torch.device(device)
     sampler, options = resolve_sampler(sampler_cfg)
     dtype = _dtype(str(to_plain_dict(sampler_cfg).get("dtype") or "float64"))
-    context = {"img_resolution": getattr(denoiser, "img_resolution", None),
-               "image_resolution": (getattr(denoiser, "latent_info", None) or {}).get("image_resolution"),
-               "sigma_data": getattr(denoiser, "sigma_data", None)}
     sigmas = build_sigma_grid(sampler_cfg, dtype=dtype, device=device, profile_schedule=profile_schedule,
-                              schedule_context={k: v for k, v in context.items() if v is not None})
+                              schedule_context=grid_context(denoiser))
     if guide is None:
         guide = load_guide(sampler_cfg, device)
     main_counter = NFECounter(denoiser)

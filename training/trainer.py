@@ -63,7 +63,7 @@ from training.distributed import (
     broadcast_object,
     init_distributed,
 )
-from training.generate import generate_images, save_grid
+from training.generate import generate_images, grid_context, save_grid
 from training.logger import RunLogger, TickMeter
 from training.posthoc_ema import build_ema
 from training.rng import capture_rng_state, restore_rng_state
@@ -128,8 +128,7 @@ class Trainer:
         self._build_denoiser()
         self._build_objective()
         # The sampler config is used only for sample grids and evaluation: check it now, not hours into the run.
-        build_sigma_grid(cfg.sampler, schedule_context={"img_resolution": self.dataset.resolution, "image_resolution":
-                                                        getattr(self.dataset, "image_resolution", None)},
+        build_sigma_grid(cfg.sampler, schedule_context=grid_context(self.denoiser),  # the grid sampling will use
                          profile_schedule=self._grid_profile())
         sampler_options(cfg.sampler)
         t = cfg.train
